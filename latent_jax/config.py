@@ -1,0 +1,133 @@
+"""Model configuration: one frozen dataclass for both GPT-2 and Llama families."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+FAMILIES = ("gpt2", "llama")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.1/3.2 `llama3` rope scaling (HF `rope_scaling` with rope_type='llama3')."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only transformer config.
+
+    family: "gpt2" (learned positions, LayerNorm, GELU-new, biases, tied head) or
+            "llama" (RoPE, RMSNorm, SwiGLU, grouped-query attention).
+    dtype: compute dtype ("float32" | "bfloat16"); param_dtype: storage dtype of weights.
+    Softmax, norms and the loss are always computed in float32.
+    """
+
+    family: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    max_positions: int
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    attn_bias: bool = False
+    mlp_bias: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; valid: {FAMILIES}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                     "max_positions"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; valid: {sorted(_DTYPES)}")
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+    def replace(self, **kw: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys {unknown}; valid: {sorted(known)}")
+        if isinstance(d.get("rope_scaling"), dict):
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        return cls(**d)
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings included, tied head counted once)."""
+        D, F, H = self.d_model, self.d_ff, self.head_dim
+        attn = D * H * (self.n_heads * 2 + self.n_kv_heads * 2)
+        mlp = D * F * (2 if self.family == "gpt2" else 3)
+        per_layer = attn + mlp + 4 * D
+        emb = self.vocab_size * D * (1 if self.tie_embeddings else 2)
+        pos = self.max_positions * D if self.family == "gpt2" else 0
+        return self.n_layers * per_layer + emb + pos + 2 * D
+
+
+def gpt2_config(size: str = "124m", **kw: Any) -> ModelConfig:
+    """GPT-2 shapes: tiny (tests), small (CPU default job), 124m, 355m, 774m, 1.5b."""
+    shapes = {
+        "tiny": (2, 64, 4, 128), "small": (4, 256, 4, 512), "124m": (12, 768, 12, 1024),
+        "355m": (24, 1024, 16, 1024), "774m": (36, 1280, 20, 1024), "1.5b": (48, 1600, 25, 1024),
+    }
+    if size not in shapes:
+        raise ValueError(f"unknown GPT-2 size {size!r}; valid: {sorted(shapes)}")
+    L, D, N, P = shapes[size]
+    base = dict(family="gpt2", vocab_size=50257, d_model=D, n_layers=L, n_heads=N, n_kv_heads=N,
+                head_dim=D // N, d_ff=4 * D, max_positions=P, norm_eps=1e-5, tie_embeddings=True,
+                attn_bias=True, mlp_bias=True, bos_token_id=50256, eos_token_id=50256)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def llama_config(size: str = "3.2-1b", **kw: Any) -> ModelConfig:
+    """Llama-3 shapes: tiny (tests), 3.2-1b, 3.2-3b, 3.1-8b."""
+    shapes = {  # L, D, N, K, F, tied
+        "tiny": (2, 64, 4, 2, 128, True), "3.2-1b": (16, 2048, 32, 8, 8192, True),
+        "3.2-3b": (28, 3072, 24, 8, 8192, True), "3.1-8b": (32, 4096, 32, 8, 14336, False),
+    }
+    if size not in shapes:
+        raise ValueError(f"unknown Llama size {size!r}; valid: {sorted(shapes)}")
+    L, D, N, K, F, tied = shapes[size]
+    base = dict(family="llama", vocab_size=128256, d_model=D, n_layers=L, n_heads=N, n_kv_heads=K,
+                head_dim=D // N, d_ff=F, max_positions=131072, norm_eps=1e-5, tie_embeddings=tied,
+                rope_theta=500000.0, rope_scaling=RopeScaling(factor=32.0 if size != "3.1-8b" else 8.0),
+                bos_token_id=128000, eos_token_id=128001)
+    base.update(kw)
+    return ModelConfig(**base)

@@ -1,0 +1,160 @@
+"""Transformer building blocks (Flax NNX) shared by GPT-2 and Llama.
+
+Shape letters: B batch, T query length, S key length (cache slots), D d_model, N query heads,
+K kv heads, G = N // K query heads per kv head, H head_dim, F d_ff, V vocab.
+Weights carry logical axis names in the `axes` metadata (see latent_jax.sharding).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from latent_jax.config import ModelConfig
+
+NEG_INF = -1e30  # finite, so fully-masked (padding) rows give no NaNs
+
+
+def param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, std: float = 0.02, init: str = "normal"):
+    if init == "zeros":
+        value = jnp.zeros(shape, cfg.weight_dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, cfg.weight_dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(cfg.weight_dtype)
+    return nnx.Param(value, axes=axes)
+
+
+class Norm(nnx.Module):
+    """LayerNorm (GPT-2) or RMSNorm (Llama), computed in float32."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.rms = cfg.family == "llama"
+        self.eps = cfg.norm_eps
+        self.scale = param(rngs, (cfg.d_model,), ("norm",), cfg, init="ones")
+        self.bias = None if self.rms else param(rngs, (cfg.d_model,), ("norm",), cfg, init="zeros")
+
+    def __call__(self, x_BxTxD):
+        dtype = x_BxTxD.dtype
+        x = x_BxTxD.astype(jnp.float32)
+        if self.rms:
+            x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+            return (self.scale[...].astype(jnp.float32) * x.astype(dtype).astype(jnp.float32)).astype(dtype)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        x = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (x * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [H/2], with HF's `llama3` scaling when configured."""
+    H = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.int64).astype(np.float32) / H))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv.astype(np.float32)
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / rs.factor, inv)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BxTxNxH, positions_BxT, inv_freq):
+    """Rotary embedding, HF 'rotate_half' convention (first/second half pairs)."""
+    freqs_BxTxh = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs_BxTxh, freqs_BxTxh], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x = x_BxTxNxH.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head / grouped-query attention with an explicit per-layer (k, v) cache."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.wq = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), cfg)
+        self.wk = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
+        self.wv = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
+        self.wo = param(rngs, (N, H, D), ("heads", "head_dim", "embed"), cfg,
+                        std=0.02 / math.sqrt(2 * cfg.n_layers))
+        bias = cfg.attn_bias
+        self.bq = param(rngs, (N, H), ("heads", "head_dim"), cfg, init="zeros") if bias else None
+        self.bk = param(rngs, (K, H), ("kv_heads", "head_dim"), cfg, init="zeros") if bias else None
+        self.bv = param(rngs, (K, H), ("kv_heads", "head_dim"), cfg, init="zeros") if bias else None
+        self.bo = param(rngs, (D,), ("embed",), cfg, init="zeros") if cfg.family == "gpt2" else None
+
+    def __call__(self, x_BxTxD, positions_BxT, q_slots_BxT, kv, key_valid_BxS, write_index):
+        """kv: (k_BxSxKxH, v_BxSxKxH) cache to write into at `write_index`, or None (no cache:
+        keys are the current tokens). q_slots: cache slot of each query, for the causal mask."""
+        cfg, dt = self.cfg, x_BxTxD.dtype
+        q = jnp.einsum("BTD,DNH->BTNH", x_BxTxD, self.wq[...].astype(dt))
+        k = jnp.einsum("BTD,DKH->BTKH", x_BxTxD, self.wk[...].astype(dt))
+        v = jnp.einsum("BTD,DKH->BTKH", x_BxTxD, self.wv[...].astype(dt))
+        if self.bq is not None:
+            q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+        if cfg.family == "llama":
+            inv_freq = rope_inv_freq(cfg)
+            q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
+        if kv is not None:
+            k_cache, v_cache = kv
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, axis=1)
+            new_kv = (k, v)
+        else:
+            new_kv = None
+        B, T, N, H = q.shape
+        K = k.shape[2]
+        q_BxTxKxGxH = q.reshape(B, T, K, N // K, H)
+        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k.astype(dt),
+                            preferred_element_type=jnp.float32) / math.sqrt(H)
+        k_slots_S = jnp.arange(k.shape[1])
+        allowed_BxTxS = (k_slots_S[None, None, :] <= q_slots_BxT[:, :, None]) & key_valid_BxS[:, None, :]
+        logits = jnp.where(allowed_BxTxS[:, None, None], logits, NEG_INF)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+        out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(dt))
+        out = jnp.einsum("BTNH,NHD->BTD", out_BxTxKxGxH.reshape(B, T, N, H), self.wo[...].astype(dt))
+        if self.bo is not None:
+            out = out + self.bo[...].astype(dt)
+        return out, new_kv
+
+
+class Mlp(nnx.Module):
+    """GPT-2: GELU-new MLP with biases. Llama: SwiGLU (down(silu(gate(x)) * up(x)))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, F = cfg.d_model, cfg.d_ff
+        self.gated = cfg.family == "llama"
+        out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+        self.w_in = param(rngs, (D, F), ("embed", "mlp"), cfg)
+        self.w_gate = param(rngs, (D, F), ("embed", "mlp"), cfg) if self.gated else None
+        self.w_out = param(rngs, (F, D), ("mlp", "embed"), cfg, std=out_std)
+        bias = cfg.mlp_bias or cfg.family == "gpt2"
+        self.b_in = param(rngs, (F,), ("mlp",), cfg, init="zeros") if bias else None
+        self.b_gate = param(rngs, (F,), ("mlp",), cfg, init="zeros") if bias and self.gated else None
+        self.b_out = param(rngs, (D,), ("embed",), cfg, init="zeros") if bias else None
+
+    def __call__(self, x_BxTxD):
+        dt = x_BxTxD.dtype
+
+        def lin(w, b, x, spec):
+            y = jnp.einsum(spec, x, w[...].astype(dt))
+            return y if b is None else y + b[...].astype(dt)
+
+        h_BxTxF = lin(self.w_in, self.b_in, x_BxTxD, "BTD,DF->BTF")
+        if self.gated:
+            h_BxTxF = jax.nn.silu(lin(self.w_gate, self.b_gate, x_BxTxD, "BTD,DF->BTF")) * h_BxTxF
+        else:
+            h_BxTxF = jax.nn.gelu(h_BxTxF, approximate=True)
+        return lin(self.w_out, self.b_out, h_BxTxF, "BTF,FD->BTD")

@@ -1,0 +1,139 @@
+"""The decoder-only transformer (GPT-2 and Llama 3 families) and its pure functional API.
+
+`forward(graphdef, params, ...)` is the boundary every jitted / scanned / differentiated function uses:
+params is the `nnx.State` from `nnx.split`, the KV cache is an explicit pytree passed in and returned.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from latent_jax.config import ModelConfig
+from latent_jax.models.layers import Attention, Mlp, Norm, param
+
+
+@struct.dataclass
+class KVCache:
+    """k, v: per-layer [B, S, K, H]; mask_BxS: slot holds a real (non-pad) token; index: next slot to write."""
+
+    k: tuple
+    v: tuple
+    mask_BxS: jax.Array
+    index: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.mask_BxS.shape[1]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    dtype = dtype or cfg.compute_dtype
+    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+    return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+                   mask_BxS=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V] float32
+    hidden: jax.Array  # [B, T, D] final hidden state, after the final norm
+    cache: KVCache | None
+    all_hidden: tuple | None  # (embeddings, block_1, ..., block_L) outputs, HF `hidden_states` order
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = Norm(cfg, rngs)
+        self.mlp = Mlp(cfg, rngs)
+
+    def __call__(self, x, positions, q_slots, kv, key_valid, write_index):
+        h, new_kv = self.attn(self.attn_norm(x), positions, q_slots, kv, key_valid, write_index)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), new_kv
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
+        self.pos_embed = (param(rngs, (cfg.max_positions, cfg.d_model), (None, "embed"), cfg, std=0.01)
+                          if cfg.family == "gpt2" else None)
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = Norm(cfg, rngs)
+        self.lm_head = (None if cfg.tie_embeddings
+                        else param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg))
+
+    def embed_tokens(self, tokens_BxT):
+        return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype)
+
+    def __call__(self, tokens=None, embeds=None, positions=None, mask=None, cache=None,
+                 return_all_hidden=False) -> ModelOutput:
+        cfg = self.cfg
+        if (tokens is None) == (embeds is None):
+            raise ValueError("pass exactly one of tokens [B, T] or embeds [B, T, D]")
+        x = self.embed_tokens(tokens) if embeds is None else embeds.astype(cfg.compute_dtype)
+        B, T = x.shape[:2]
+        mask_BxT = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
+        if cache is None:
+            q_slots = jnp.broadcast_to(jnp.arange(T), (B, T))
+            key_valid, write_index, n_prev_B = mask_BxT, 0, jnp.zeros((B,), jnp.int32)
+        else:
+            write_index = cache.index
+            q_slots = jnp.broadcast_to(write_index + jnp.arange(T), (B, T))
+            key_valid = jax.lax.dynamic_update_slice_in_dim(cache.mask_BxS, mask_BxT, write_index, axis=1)
+            n_prev_B = jnp.sum(cache.mask_BxS, axis=1, dtype=jnp.int32)
+        if positions is None:  # left padding: a row's first real token is position 0
+            positions = n_prev_B[:, None] + jnp.cumsum(mask_BxT, axis=1, dtype=jnp.int32) - 1
+            positions = jnp.maximum(positions, 0)
+        if self.pos_embed is not None:
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
+        all_hidden = [x] if return_all_hidden else None
+        new_k, new_v = [], []
+        for i, block in enumerate(self.blocks):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, kv = block(x, positions, q_slots, kv, key_valid, write_index)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+            if return_all_hidden:
+                all_hidden.append(x)
+        hidden = self.final_norm(x)
+        if return_all_hidden:
+            all_hidden[-1] = hidden  # HF convention: the last entry has the final norm applied
+        head = self.embed if self.lm_head is None else self.lm_head
+        logits = jnp.einsum("BTD,VD->BTV", hidden, head[...].astype(hidden.dtype),
+                            preferred_element_type=jnp.float32)
+        new_cache = None if cache is None else KVCache(
+            k=tuple(new_k), v=tuple(new_v), mask_BxS=key_valid, index=write_index + T)
+        return ModelOutput(logits, hidden, new_cache, None if all_hidden is None else tuple(all_hidden))
+
+
+def init_model(cfg: ModelConfig, seed: int = 0):
+    """Random init. Returns (graphdef, params) — the pure functional pair."""
+    return nnx.split(Transformer(cfg, nnx.Rngs(params=seed)))
+
+
+def abstract_model(cfg: ModelConfig):
+    """(graphdef, params of jax.ShapeDtypeStruct) without allocating weights."""
+    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0))))
+
+
+def forward(graphdef, params, tokens=None, embeds=None, positions=None, mask=None, cache=None,
+            return_all_hidden=False) -> ModelOutput:
+    """Pure forward pass: see `Transformer.__call__`. Accepts token ids or input embeddings."""
+    model = nnx.merge(graphdef, params)
+    return model(tokens=tokens, embeds=embeds, positions=positions, mask=mask, cache=cache,
+                 return_all_hidden=return_all_hidden)
+
+
+def embed_tokens(graphdef, params, tokens_BxT):
+    return nnx.merge(graphdef, params).embed_tokens(tokens_BxT)
+
+
+def get_config(graphdef, params) -> ModelConfig:
+    return nnx.merge(graphdef, params).cfg

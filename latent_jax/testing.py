@@ -1,0 +1,97 @@
+"""Test helpers for latent_jax and downstream JAX test suites.
+
+Tiny random GPT-2 / Llama configs, Hugging Face reference checkpoints built in a folder (needs the `test`
+extra: transformers + torch), and a logits-parity checker against the PyTorch model.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from latent_jax.config import ModelConfig, RopeScaling
+
+# name -> HF config kwargs. "llama" exercises GQA (kv_heads < heads), llama3 rope scaling and tied embeddings.
+TINY_HF_CONFIGS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(model_type="gpt2", vocab_size=211, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                 bos_token_id=0, eos_token_id=1),
+    "llama": dict(model_type="llama", vocab_size=211, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                    original_max_position_embeddings=32)),
+    "llama-untied": dict(model_type="llama", vocab_size=211, hidden_size=64, intermediate_size=160,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                         max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-6),
+}
+
+
+def tiny_config(family: str = "gpt2", **overrides: Any) -> ModelConfig:
+    """A tiny random-init config (no transformers needed)."""
+    if family == "gpt2":
+        base = dict(family="gpt2", vocab_size=211, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16,
+                    d_ff=256, max_positions=128, attn_bias=True, mlp_bias=True, tie_embeddings=True)
+    elif family == "llama":
+        base = dict(family="llama", vocab_size=211, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                    d_ff=160, max_positions=256, tie_embeddings=True,
+                    rope_scaling=RopeScaling(8.0, 1.0, 4.0, 32))
+    else:
+        raise ValueError(f"unknown family {family!r}; valid: gpt2, llama")
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def make_hf_checkpoint(folder, name: str = "gpt2", seed: int = 0, **overrides: Any) -> pathlib.Path:
+    """Build a tiny random `transformers` model (see TINY_HF_CONFIGS) and save_pretrained it to `folder`."""
+    import torch
+    import transformers
+
+    if name not in TINY_HF_CONFIGS:
+        raise ValueError(f"unknown tiny model {name!r}; valid: {sorted(TINY_HF_CONFIGS)}")
+    kw = {**TINY_HF_CONFIGS[name], **overrides}
+    model_type = kw.pop("model_type")
+    config = transformers.AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():  # HF inits norms to 1/0 and biases to 0: randomise so parity tests see them
+        for n, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    folder = pathlib.Path(folder)
+    model.save_pretrained(folder)
+    return folder
+
+
+def hf_logits(folder, tokens: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    """float32 logits [B, T, V] of the `transformers` model saved in `folder`."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        kw = {}
+        if attention_mask is not None:
+            kw["attention_mask"] = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
+        out = model(torch.as_tensor(np.asarray(tokens), dtype=torch.long), **kw)
+    return out.logits.float().numpy()
+
+
+def check_logits_parity(folder, tokens: np.ndarray, atol: float = 1e-5) -> float:
+    """Load `folder` with latent_jax and with transformers, compare float32 logits; return max abs diff.
+
+    Raises AssertionError when the difference exceeds `atol`.
+    """
+    import jax
+
+    from latent_jax.hf import load_hf
+    from latent_jax.models import forward
+
+    _, graphdef, params = load_hf(folder)
+    with jax.default_matmul_precision("highest"):
+        ours = np.asarray(forward(graphdef, params, tokens=np.asarray(tokens)).logits)
+    ref = hf_logits(folder, tokens)
+    diff = float(np.max(np.abs(ours - ref)))
+    if not diff <= atol:
+        raise AssertionError(f"logits differ from transformers by {diff:.3g} > atol {atol:g} ({folder})")
+    return diff
