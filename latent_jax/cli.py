@@ -1,0 +1,78 @@
+"""`latent-jax` command line (also `python -m latent_jax`).
+
+    latent-jax info --model PATH_OR_HUB_ID
+    latent-jax generate --model PATH_OR_HUB_ID [--tokenizer PATH|gpt2] --prompt TEXT [--prompt TEXT ...]
+    latent-jax data generate|stats|list ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="latent-jax", description="Latent reasoning for GPT-2 and Llama in JAX.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{info,generate,data}")
+    i = sub.add_parser("info", help="print a checkpoint's config and parameter count")
+    i.add_argument("--model", required=True, help="HF checkpoint folder (or hub id when online)")
+    g = sub.add_parser("generate", help="batched KV-cache generation from a HF checkpoint")
+    g.add_argument("--model", required=True, help="HF checkpoint folder (or hub id when online)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer folder/file or 'gpt2' (default: the model folder)")
+    g.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    sub.add_parser("data", help="datasets: generate | stats | list (see `latent-jax data -h`)", add_help=False)
+    return p
+
+
+def _info(args) -> int:
+    from latent_jax.hf import load_hf
+
+    cfg, _, _ = load_hf(args.model)
+    print(json.dumps({**cfg.to_dict(), "num_params": cfg.num_params()}, indent=2, default=str))
+    return 0
+
+
+def _generate(args) -> int:
+    from latent_jax.generate import SamplingConfig, generate
+    from latent_jax.hf import load_hf, resolve_checkpoint
+    from latent_jax.tokenizer import load_tokenizer
+
+    folder = resolve_checkpoint(args.model)
+    cfg, graphdef, params = load_hf(folder, param_dtype=args.dtype)
+    tok = load_tokenizer(args.tokenizer or folder)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}:"
+                         " wrong tokenizer for this model?")
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    eos = cfg.eos_token_id if cfg.eos_token_id is not None else tok.eos_id
+    start = time.perf_counter()
+    outs = generate(graphdef, params, [tok.encode(p) for p in args.prompt], sampling, eos_id=eos, seed=args.seed)
+    elapsed = time.perf_counter() - start
+    for prompt, out in zip(args.prompt, outs):
+        print(json.dumps({"prompt": prompt, "completion": tok.decode(out, skip_special=True), "tokens": len(out)}))
+    print(f"{sum(map(len, outs))} tokens in {elapsed:.2f}s (includes compile)", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "data":
+        from latent_jax.data.cli import main as data_main
+        return data_main(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        return {"info": _info, "generate": _generate}[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"latent-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
