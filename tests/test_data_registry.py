@@ -67,7 +67,7 @@ def test_bad_requests():
         load_dataset("mult1", n=3)
 
 
-def test_cli_generate(tmp_path, capsys):
+def test_cli_generate(tmp_path, capsys, shared_dir):  # gsm8k needs shared/data/gsm8k/train_original.jsonl
     out = tmp_path / "p.json"
     assert main(["generate", "prosqa", "--n", "10", "--seed", "1", "--out", str(out)]) == 0
     assert json.loads(out.read_text()) == load_dataset("prosqa", n=10, seed=1)

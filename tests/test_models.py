@@ -159,5 +159,5 @@ def test_every_weight_has_logical_axes(family):
     known = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", None}
     for path, var in flat:
         axes = var.get_metadata()["axes"]
-        assert len(axes) == len(var.value.shape), path
+        assert len(axes) == len(var.get_value().shape), path
         assert set(axes) <= known, (path, axes)

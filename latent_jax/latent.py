@@ -1,0 +1,92 @@
+"""The latent loop: continuous thoughts as one compiled `jax.lax.scan`, differentiable end to end.
+
+Training layout (see `methods.base.collate`): every row's latent block starts at column P = prefix_len; rows have
+n_i <= n = n_latent latent slots. One pass over the prefix [0, P) fills the KV cache; then `scan` over the n
+thought columns: at column P+k a row's input embedding is the previous column's final hidden state if the slot is
+latent, else its own token embedding; each step extends the cache by one position. Then one teacher-forced pass
+over the rest [P+n, T). Same result as the reference's n+1 full forward passes, at the cost of one.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from latent_jax.generate import SamplingConfig, decode_loop
+from latent_jax.methods.base import IGNORE
+from latent_jax.models import embed_tokens, forward, get_config, init_cache
+
+
+def latent_forward(graphdef, params, tokens, mask, latent, prefix_len: int, n_latent: int,
+                   return_thoughts: bool = False):
+    """Logits [B, T, V] (f32) of a batch with continuous thoughts. Optionally also the thought vectors [B, n, D]."""
+    if n_latent == 0:
+        out = forward(graphdef, params, tokens=tokens, mask=mask)
+        return (out.logits, None) if return_thoughts else out.logits
+    cfg = get_config(graphdef, params)
+    B, T = tokens.shape
+    P, n = prefix_len, n_latent
+    emb_BxTxD = embed_tokens(graphdef, params, tokens)
+    cache = init_cache(cfg, B, T)
+    pre = forward(graphdef, params, embeds=emb_BxTxD[:, :P], mask=mask[:, :P], cache=cache)
+
+    def think(carry, k):
+        cache, h_prev_BxD = carry
+        col = P + k
+        tok_emb = jax.lax.dynamic_index_in_dim(emb_BxTxD, col, axis=1, keepdims=False)
+        is_latent = jax.lax.dynamic_index_in_dim(latent, col, axis=1, keepdims=False)
+        x_BxD = jnp.where(is_latent[:, None], h_prev_BxD.astype(tok_emb.dtype), tok_emb)
+        m = jax.lax.dynamic_slice_in_dim(mask, col, 1, axis=1)
+        o = forward(graphdef, params, embeds=x_BxD[:, None], mask=m, cache=cache)
+        return (o.cache, o.hidden[:, 0]), (o.logits[:, 0], x_BxD)
+
+    (cache, _), (logits_nxBxV, thoughts_nxBxD) = jax.lax.scan(think, (pre.cache, pre.hidden[:, -1]),
+                                                              jnp.arange(n))
+    rest = forward(graphdef, params, embeds=emb_BxTxD[:, P + n:], mask=mask[:, P + n:], cache=cache)
+    logits = jnp.concatenate([pre.logits, jnp.swapaxes(logits_nxBxV, 0, 1), rest.logits], axis=1)
+    return (logits, jnp.swapaxes(thoughts_nxBxD, 0, 1)) if return_thoughts else logits
+
+
+def token_loss(logits_BxTxV, labels_BxT):
+    """Shifted cross-entropy: logits at t predict labels at t+1. Returns (sum of losses, #tokens, #correct)."""
+    logits, labels = logits_BxTxV[:, :-1], labels_BxT[:, 1:]
+    valid = labels != IGNORE
+    safe = jnp.where(valid, labels, 0)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
+    correct = (jnp.argmax(logits, axis=-1) == safe) & valid
+    return jnp.sum(ce * valid), jnp.sum(valid), jnp.sum(correct)
+
+
+def loss_fn(params, graphdef, batch: dict, prefix_len: int, n_latent: int):
+    """Mean token loss of a batch (dict of arrays: tokens, mask, labels, latent). Returns (loss, aux)."""
+    logits = latent_forward(graphdef, params, batch["tokens"], batch["mask"], batch["latent"], prefix_len, n_latent)
+    total, count, correct = token_loss(logits, batch["labels"])
+    loss = total / jnp.maximum(count, 1)
+    return loss, {"loss_sum": total, "n_tokens": count, "n_correct": correct}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_latent", "sampling", "eos_ids", "pad_id"))
+def latent_generate_padded(graphdef, params, prefix_BxP, prefix_mask_BxP, think_mask_Bxn, suffix_BxS, rng, *,
+                           n_latent: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], pad_id: int):
+    """Prefix (left-padded) -> n thoughts (each the previous final hidden state; row i thinks in the last
+    sum(think_mask[i]) columns, right-aligned) -> suffix tokens (e.g. <eot>) -> decode. One compile per bucket."""
+    cfg = get_config(graphdef, params)
+    B, P = prefix_BxP.shape
+    S = suffix_BxS.shape[1]
+    cache = init_cache(cfg, B, P + n_latent + S + sampling.max_new_tokens)
+    o = forward(graphdef, params, tokens=prefix_BxP, mask=prefix_mask_BxP, cache=cache)
+
+    def think(carry, active_B):
+        cache, h_BxD, last_BxV = carry
+        o = forward(graphdef, params, embeds=h_BxD[:, None], mask=active_B[:, None], cache=cache)
+        a = active_B[:, None]
+        return (o.cache, jnp.where(a, o.hidden[:, 0], h_BxD), jnp.where(a, o.logits[:, 0], last_BxV)), None
+
+    (cache, _, last), _ = jax.lax.scan(think, (o.cache, o.hidden[:, -1], o.logits[:, -1]),
+                                       jnp.swapaxes(think_mask_Bxn, 0, 1))
+    if S:
+        o = forward(graphdef, params, tokens=suffix_BxS, cache=cache)
+        cache, last = o.cache, o.logits[:, -1]
+    return decode_loop(graphdef, params, cache, last, rng, sampling, eos_ids, pad_id)
