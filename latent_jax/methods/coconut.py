@@ -1,0 +1,122 @@
+"""Coconut (continuous thoughts) and the methods that share its layout: CoT, No-CoT, and the ablations
+w/o curriculum, w/o thought (c = 0) and pause-as-thought.
+
+Layout at stage k (reference `get_cot_latent_dataset`):
+    question\\n <bot> <latent>×(n·c) <eot> step_{n+1}\\n ... step_N\\n ### answer <eos>
+with n = min(k, #steps) latent steps; beyond max_latent_stage all steps are removed and min(#steps, max) used
+(or max when pad_latent_to_max). Labels cover the remaining steps and the answer. CoT / No-CoT have no markers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+from latent_jax.methods.base import IGNORE, Example, Prompt
+from latent_jax.tokenizer import Tokenizer
+
+BOT, EOT, LATENT, PAUSE = "<|start-latent|>", "<|end-latent|>", "<|latent|>", "<|pause|>"
+
+
+@dataclasses.dataclass(frozen=True)
+class CoconutConfig:
+    """variant: coconut | cot | no_cot | no_curriculum | no_thought | pause_as_thought."""
+
+    variant: str = "coconut"
+    c_thought: int = 1
+    max_latent_stage: int = 6
+    pad_latent_to_max: bool = False
+    init_token: str = "<<"  # new special tokens start from this token's embedding (reference)
+
+    VARIANTS = ("coconut", "cot", "no_cot", "no_curriculum", "no_thought", "pause_as_thought")
+
+    def __post_init__(self):
+        if self.variant not in self.VARIANTS:
+            raise ValueError(f"unknown Coconut variant {self.variant!r}; valid: {self.VARIANTS}")
+        if self.c_thought < 0 or self.max_latent_stage < 0:
+            raise ValueError(f"c_thought and max_latent_stage must be >= 0 (got {self.c_thought},"
+                             f" {self.max_latent_stage})")
+        if self.variant == "no_thought" and self.c_thought != 0:
+            object.__setattr__(self, "c_thought", 0)
+
+
+def check_record(record: dict, index: int | None = None, source: str = "records") -> None:
+    where = f"{source} record {index}" if index is not None else source
+    for key in ("question", "steps", "answer"):
+        if key not in record:
+            raise ValueError(f"{where}: missing {key!r} (a record needs question, steps, answer)")
+    if not isinstance(record["steps"], list):
+        raise ValueError(f"{where}: 'steps' must be a list of strings")
+
+
+class Coconut:
+    """Coconut and its relatives behind the `Method` interface."""
+
+    def __init__(self, tokenizer: Tokenizer, cfg: CoconutConfig = CoconutConfig()):
+        self.tok, self.cfg = tokenizer, cfg
+        self.name = cfg.variant
+        markers = cfg.variant not in ("cot", "no_cot")
+        self.special_tokens = ((BOT, EOT, LATENT) + ((PAUSE,) if cfg.variant == "pause_as_thought" else ())
+                               if markers else ())
+        ids = tokenizer.add_special_tokens(list(self.special_tokens)) if self.special_tokens else []
+        self.ids = dict(zip(self.special_tokens, ids))
+        self.eos_id = tokenizer.eos_id
+
+    @property
+    def uses_hidden_thoughts(self) -> bool:
+        return self.cfg.variant in ("coconut", "no_curriculum") and self.cfg.c_thought > 0
+
+    def num_stages(self) -> int:
+        return 1 if self.cfg.variant in ("cot", "no_cot", "no_curriculum") else self.cfg.max_latent_stage + 1
+
+    @functools.lru_cache(maxsize=None)
+    def _tokenize(self, question: str, steps: tuple[str, ...], answer: str):
+        q = self.tok.encode(question + "\n", add_bos=self.tok.name == "llama3")
+        s = [self.tok.encode(x + "\n") for x in steps]
+        a = self.tok.encode("### " + answer) + [self.eos_id]
+        return q, s, a
+
+    def _stage_layout(self, n_steps: int, stage: int) -> tuple[int, int]:
+        """(steps removed, latent slots) at `stage`."""
+        cfg = self.cfg
+        if cfg.variant == "cot":
+            return 0, 0
+        if cfg.variant == "no_cot":
+            return n_steps, 0
+        if cfg.variant == "no_curriculum":
+            stage = cfg.max_latent_stage + 1
+        if stage > cfg.max_latent_stage:
+            n_lat = cfg.max_latent_stage if cfg.pad_latent_to_max else min(n_steps, cfg.max_latent_stage)
+            return n_steps, n_lat * cfg.c_thought
+        n_skip = min(stage, n_steps)
+        return n_skip, n_skip * cfg.c_thought
+
+    def encode(self, record: dict[str, Any], stage: int) -> Example:
+        check_record(record)
+        q, steps, a = self._tokenize(record["question"], tuple(record["steps"]), record["answer"])
+        n_skip, n_lat = self._stage_layout(len(steps), stage)
+        rest = [t for s in steps[n_skip:] for t in s] + a
+        if not self.special_tokens:
+            return Example(q + rest, [IGNORE] * len(q) + rest, latent_start=len(q), n_latent=0)
+        slot = self.ids[PAUSE] if self.cfg.variant == "pause_as_thought" else self.ids[LATENT]
+        tokens = q + [self.ids[BOT]] + [slot] * n_lat + [self.ids[EOT]] + rest
+        labels = [IGNORE] * (len(q) + n_lat + 2) + rest
+        hidden = self.uses_hidden_thoughts
+        return Example(tokens, labels, latent_start=len(q) + 1, n_latent=n_lat if hidden else 0)
+
+    def prompt(self, record: dict[str, Any], stage: int) -> Prompt:
+        check_record(record)
+        q, steps, _ = self._tokenize(record["question"], tuple(record["steps"]), record["answer"])
+        if not self.special_tokens:
+            return Prompt(q)
+        _, n_lat = self._stage_layout(len(steps), max(stage, 0))
+        if self.uses_hidden_thoughts:
+            return Prompt(q + [self.ids[BOT]], n_lat, [self.ids[EOT]])
+        slot = self.ids[PAUSE] if self.cfg.variant == "pause_as_thought" else self.ids[LATENT]
+        return Prompt(q + [self.ids[BOT]] + [slot] * n_lat + [self.ids[EOT]])
+
+    def init_token_id(self) -> int:
+        ids = self.tok.encode(self.cfg.init_token)
+        if not ids:
+            raise ValueError(f"init_token {self.cfg.init_token!r} encodes to no token")
+        return ids[0]

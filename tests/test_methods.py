@@ -1,0 +1,143 @@
+"""Method layouts (Coconut, CoT, No-CoT, ablations, Pause), special tokens, latent generation, evaluation."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import latent_jax.evaluate as ev
+from latent_jax.generate import SamplingConfig
+from latent_jax.methods import IGNORE, build_method, prepare_model
+from latent_jax.methods.base import Prompt
+from latent_jax.methods.coconut import BOT, EOT, LATENT, PAUSE
+from latent_jax.models import embed_tokens, forward, init_model
+from latent_jax.params import flatten_params
+from latent_jax.testing import tiny_config
+from latent_jax.tokenizer import load_tokenizer
+
+REC = {"question": "Every a is a b. Alex is a a. Is Alex a b or c?",
+       "steps": ["Alex is a a.", "Every a is a b.", "Every b is a d."], "answer": "Alex is a b."}
+
+
+def method(name, **kw):
+    return build_method(name, load_tokenizer("gpt2"), **kw)
+
+
+def labelled_text(m, ex):
+    return m.tok.decode([t for t, l in zip(ex.tokens, ex.labels) if l != IGNORE])
+
+
+@pytest.mark.parametrize("stage,n_skip", [(0, 0), (1, 1), (2, 2), (3, 3), (7, 3)])
+def test_coconut_layout_per_stage(stage, n_skip):
+    m = method("coconut", max_latent_stage=6)
+    ex = m.encode(REC, stage)
+    tok = m.tok
+    q = tok.encode(REC["question"] + "\n")
+    assert ex.tokens[:len(q)] == q
+    assert ex.tokens[len(q)] == m.ids[BOT] and ex.latent_start == len(q) + 1
+    assert ex.n_latent == n_skip
+    assert ex.tokens[len(q) + 1:len(q) + 1 + n_skip] == [m.ids[LATENT]] * n_skip
+    assert ex.tokens[len(q) + 1 + n_skip] == m.ids[EOT]
+    rest = "".join(s + "\n" for s in REC["steps"][n_skip:]) + "### " + REC["answer"] + "<|endoftext|>"
+    assert labelled_text(m, ex) == rest
+
+
+def test_c_thought_and_max_stage():
+    m = method("coconut", c_thought=2, max_latent_stage=2)
+    assert m.encode(REC, 1).n_latent == 2
+    ex = m.encode(REC, 3)  # beyond max: all steps removed, min(3, max=2) * c latents
+    assert ex.n_latent == 4 and labelled_text(m, ex) == "### Alex is a b.<|endoftext|>"
+    assert method("coconut", c_thought=2, max_latent_stage=2, pad_latent_to_max=True).encode(
+        {**REC, "steps": REC["steps"][:1]}, 5).n_latent == 4
+
+
+def test_baselines_and_ablations():
+    cot, nocot = method("cot"), method("no_cot")
+    assert cot.special_tokens == () and labelled_text(cot, cot.encode(REC, 3)).startswith("Alex is a a.\n")
+    assert labelled_text(nocot, nocot.encode(REC, 0)) == "### Alex is a b.<|endoftext|>"
+    nocur = method("no_curriculum", max_latent_stage=6)
+    assert nocur.encode(REC, 0).n_latent == 3 and nocur.num_stages() == 1
+    nothought = method("no_thought")
+    ex = nothought.encode(REC, 2)
+    assert ex.n_latent == 0 and LATENT not in nothought.tok.decode(ex.tokens)
+    assert labelled_text(nothought, ex).startswith("Every b is a d.")
+    pat = method("pause_as_thought")
+    ex = pat.encode(REC, 2)
+    assert ex.n_latent == 0 and ex.tokens.count(pat.ids[PAUSE]) == 2  # pauses are tokens, not hidden states
+    pause = method("pause", n_pause=4)
+    ex = pause.encode(REC, 0)
+    assert ex.tokens.count(pause.pause_id) == 4 and labelled_text(pause, ex) == "### Alex is a b.<|endoftext|>"
+
+
+def test_bad_method_input():
+    with pytest.raises(ValueError, match="unknown method 'coconutt'.*valid"):
+        method("coconutt")
+    with pytest.raises(ValueError, match="unknown option.*c_thougth.*valid"):
+        method("coconut", c_thougth=1)
+    with pytest.raises(ValueError, match="missing 'steps'"):
+        method("coconut").encode({"question": "q", "answer": "a"}, 0)
+
+
+def test_special_tokens_added_and_initialised_from_init_token():
+    m = method("coconut")
+    assert m.tok.vocab_size == 50257 + 3 and m.tok.encode(BOT + LATENT) == [m.ids[BOT], m.ids[LATENT]]
+    cfg = tiny_config("gpt2", vocab_size=50257)
+    g, p = init_model(cfg)
+    cfg2, g2, p2 = prepare_model(m, cfg, g, p)
+    emb = np.asarray(flatten_params(p2)["embed"])
+    assert cfg2.vocab_size == 50260
+    for t in (BOT, EOT, LATENT):
+        np.testing.assert_array_equal(emb[m.ids[t]], emb[m.init_token_id()])
+    assert m.init_token_id() == 16791  # "<<" in GPT-2
+
+
+def naive_latent_generate(g, p, prompt, n_new):
+    """No cache: thoughts appended one at a time as hidden-state embeddings, then <eot>, then greedy tokens."""
+    emb = embed_tokens(g, p, jnp.asarray([prompt.prefix]))
+    for _ in range(prompt.n_latent):
+        h = forward(g, p, embeds=emb).hidden[:, -1:]
+        emb = jnp.concatenate([emb, h], axis=1)
+    emb = jnp.concatenate([emb, embed_tokens(g, p, jnp.asarray([prompt.suffix]))], axis=1)
+    out = []
+    for _ in range(n_new):
+        t = int(jnp.argmax(forward(g, p, embeds=emb).logits[0, -1]))
+        out.append(t)
+        emb = jnp.concatenate([emb, embed_tokens(g, p, jnp.asarray([[t]]))], axis=1)
+    return out
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_latent_generation_equals_naive_and_batching(family):
+    cfg = tiny_config(family)
+    g, p = init_model(cfg, seed=7)
+    p = jax_scale(p, 8.0)  # bigger weights: varied greedy outputs
+    rng = np.random.default_rng(0)
+    prompts = [Prompt([int(x) for x in rng.integers(3, 200, n)], k, [5]) for n, k in ((9, 3), (4, 0), (13, 2))]
+    sampling = SamplingConfig(max_new_tokens=6)
+    batched = ev.generate_prompts(g, p, prompts, sampling, eos_id=-1, pad_id=0, batch_size=4)
+    for pr, out in zip(prompts, batched):
+        assert out == naive_latent_generate(g, p, pr, 6)
+        assert ev.generate_prompts(g, p, [pr], sampling, eos_id=-1, pad_id=0) == [out]
+    assert len({tuple(o) for o in batched}) == 3
+
+
+def jax_scale(p, s):
+    import jax
+    return jax.tree.map(lambda x: x * s, p)
+
+
+def test_evaluate_counts_exact_matches(monkeypatch, tmp_path):
+    m = method("coconut")
+    recs = [{**REC, "answer": f"Alex is a b{i}."} for i in range(5)]
+    right = {0, 2, 3}
+
+    def fake_generate(graphdef, params, prompts, sampling, eos_id, pad_id, batch_size=None, **kw):
+        i0 = fake_generate.seen
+        fake_generate.seen += len(prompts)
+        return [m.tok.encode(f"### Alex is a b{i if i in right else 'x'}.") + [eos_id]
+                for i in range(i0, i0 + len(prompts))]
+
+    fake_generate.seen = 0
+    monkeypatch.setattr(ev, "generate_prompts", fake_generate)
+    res = ev.evaluate(m, recs, None, None, stage=6, batch_size=2, out_path=tmp_path / "r.json", progress=False)
+    assert res["accuracy"] == pytest.approx(3 / 5) and res["n"] == 5
+    assert (tmp_path / "r.json").exists()
+    assert ev.extract_answer("x # 1,234 ") == "1234"
