@@ -2,6 +2,9 @@
 
     latent-jax info --model PATH_OR_HUB_ID
     latent-jax generate --model PATH_OR_HUB_ID [--tokenizer PATH|gpt2] --prompt TEXT [--prompt TEXT ...]
+    latent-jax train [CONFIG] [key=value ...] [--model PATH_OR_HUB_ID]   (default CONFIG: prosqa_coconut_cpu)
+    latent-jax eval CONFIG --model-dir EXPORTED_FOLDER [key=value ...]
+    latent-jax export CONFIG [key=value ...] --checkpoint RUN/train/checkpoints --out FOLDER
     latent-jax data generate|stats|list ...
 """
 from __future__ import annotations
@@ -14,7 +17,21 @@ import time
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latent-jax", description="Latent reasoning for GPT-2 and Llama in JAX.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{info,generate,data}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,export,info,generate,data}")
+    t = sub.add_parser("train", help="train + evaluate + export an experiment (YAML config)")
+    t.add_argument("config", nargs="?", default="prosqa_coconut_cpu", help="YAML path or name in configs/")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=3")
+    t.add_argument("--model", default=None, help="pretrained HF folder or hub id (sets model.pretrained)")
+    e = sub.add_parser("eval", help="evaluate an exported model folder on the config's validation set")
+    e.add_argument("config", help="YAML path or name in configs/")
+    e.add_argument("overrides", nargs="*")
+    e.add_argument("--model-dir", required=True, help="folder written by `train` ({output_dir}/export)")
+    x = sub.add_parser("export", help="orbax checkpoint of a run -> Hugging Face folder (+ tokenizer)")
+    x.add_argument("config", help="the run's YAML config (path or name in configs/)")
+    x.add_argument("overrides", nargs="*", help="the run's overrides")
+    x.add_argument("--checkpoint", required=True, help="checkpoint folder ({output_dir}/train/checkpoints)")
+    x.add_argument("--step", type=int, default=None, help="default: the latest")
+    x.add_argument("--out", required=True, help="output folder")
     i = sub.add_parser("info", help="print a checkpoint's config and parameter count")
     i.add_argument("--model", required=True, help="HF checkpoint folder (or hub id when online)")
     g = sub.add_parser("generate", help="batched KV-cache generation from a HF checkpoint")
@@ -61,6 +78,41 @@ def _generate(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from latent_jax.experiment import format_table, load_config, run_train
+
+    overrides = list(args.overrides)
+    if "=" in args.config:  # `latent-jax train key=value ...` overrides the default config
+        overrides.insert(0, args.config)
+        args.config = "prosqa_coconut_cpu"
+    if args.model:
+        overrides += [f"model.pretrained={args.model}", "model.compact_vocab=false"]
+    cfg = load_config(args.config, overrides)
+    d = cfg["data"]
+    print(f"[latent-jax] {cfg['name']}: {cfg['method']['name']} on {d['task']} (train data: {d['train_source']},"
+          f" validation: the real {d['task']} valid file); output in {cfg['output_dir']}", file=sys.stderr)
+    result = run_train(cfg)
+    print(format_table([result]))
+    print(f"result: {cfg['output_dir']}/result.json   model: {result['export']}")
+    return 0
+
+
+def _eval(args) -> int:
+    from latent_jax.experiment import load_config, run_eval
+
+    res = run_eval(load_config(args.config, args.overrides), args.model_dir)
+    print(json.dumps({k: v for k, v in res.items() if k != "examples"}, indent=2))
+    return 0
+
+
+def _export(args) -> int:
+    from latent_jax.experiment import load_config, run_export
+
+    folder = run_export(load_config(args.config, args.overrides), args.checkpoint, args.out, args.step)
+    print(f"exported to {folder}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "data":
@@ -68,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return data_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        return {"info": _info, "generate": _generate}[args.command](args)
+        return {"info": _info, "generate": _generate, "train": _train, "eval": _eval, "export": _export}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"latent-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

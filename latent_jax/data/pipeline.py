@@ -1,0 +1,150 @@
+"""Training input pipeline (grain): records -> per-epoch shuffle -> per-host shard -> Example -> collated Batch.
+
+One `grain.MapDataset` per epoch, a pure function of (records, seed, epoch, process):
+
+    MapDataset.source(records)                      # random access, in memory
+      .map_with_index((index, record))              # keep the global record index (for the per-example stage)
+      .shuffle(seed=f(seed, epoch))                 # a different, deterministic permutation every epoch
+      [:n - n % process_count][pi::process_count]   # per-host slice; every host gets the same number of rows
+      .map(encode at example_stage(seed, epoch, index))
+      .batch(batch_size, batch_fn=collate(..., batch_size=batch_size))
+
+Partial batches: the last micro-batch of an epoch is *padded* with empty rows (mask all False, labels IGNORE) to
+the fixed micro-batch size, so no example is dropped and B never changes (with several hosts only, up to
+process_count - 1 examples per epoch are left out so that every host runs the same number of steps).
+Padding policy: `collate` left-pads every row so that the latent blocks line up at `prefix_len` (rounded up to
+`bucket`) and right-pads to a bucketed length: one compile per (B, prefix_len, T, n_latent) bucket.
+
+`epoch_iterator` returns a grain `DatasetIterator`: `get_state()/set_state()` (or grain's Orbax
+`grain.checkpoint.CheckpointSave/CheckpointRestore`) resume it exactly mid-epoch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Sequence
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+
+from latent_jax.methods.base import IGNORE, Batch, Example, Method, collate
+
+
+def scheduled_stage(epoch: int, epochs_per_stage: int, max_latent_stage: int) -> int:
+    """Coconut curriculum: epoch // epochs_per_stage, capped at max_latent_stage + 1 = the final stage (all
+    reasoning steps removed; the reference treats every stage > max_latent_stage that way)."""
+    return min(epoch // epochs_per_stage, max_latent_stage + 1)
+
+
+def example_stage(record: dict[str, Any], index: int, epoch: int, stage: int, seed: int,
+                  uniform_prob: float) -> int:
+    """`stage`, or with probability `uniform_prob` a uniform draw from [0, len(record["steps"])].
+    Deterministic in (seed, epoch, index); index is the record's position in the full training set."""
+    if uniform_prob <= 0.0:
+        return stage
+    rng = np.random.default_rng([seed, epoch, index, 0x5EED])
+    if rng.random() < uniform_prob:
+        return int(rng.integers(0, len(record["steps"]) + 1))
+    return stage
+
+
+def pad_id_of(method: Method) -> int:
+    """The pad token of the method's tokenizer (0 when it has none; pads are masked out anyway)."""
+    pad = getattr(getattr(method, "tok", None), "pad_id", None)
+    return 0 if pad is None else int(pad)
+
+
+def micro_batches_per_epoch(n_records: int, batch_size: int, process_count: int | None = None) -> int:
+    """Micro-batches per epoch on each host (the last one padded)."""
+    pc = jax.process_count() if process_count is None else process_count
+    return -(-(n_records // pc) // batch_size)
+
+
+def epoch_dataset(method: Method, records: Sequence[dict[str, Any]], *, epoch: int, stage: int, seed: int,
+                  batch_size: int, uniform_prob: float = 0.0, bucket: int = 32, max_len: int | None = None,
+                  process_index: int | None = None, process_count: int | None = None) -> grain.MapDataset:
+    """The micro-batches (`Batch`) of one epoch for this host, as a random-access grain `MapDataset`."""
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    usable = len(records) - len(records) % pc
+    if usable == 0:
+        raise ValueError(f"{len(records)} training records cannot be split over {pc} processes")
+    pad = pad_id_of(method)
+
+    def encode(item: tuple[int, dict[str, Any]]) -> Example:
+        index, record = item
+        return method.encode(record, example_stage(record, index, epoch, stage, seed, uniform_prob))
+
+    def collate_fn(examples: Sequence[Example]) -> Batch:
+        return collate(examples, pad, bucket=bucket, max_len=max_len, batch_size=batch_size)
+
+    epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    ds = grain.MapDataset.source(list(records)).map_with_index(lambda i, r: (i, r))
+    ds = ds.shuffle(seed=epoch_seed)[:usable][pi::pc]
+    return ds.map(encode).batch(batch_size, drop_remainder=False, batch_fn=collate_fn)
+
+
+def epoch_iterator(dataset: grain.MapDataset, prefetch: int = 4) -> grain.DatasetIterator:
+    """A checkpointable iterator over an epoch's batches; one background thread encodes/collates ahead."""
+    opts = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=max(prefetch, 1))
+    return iter(dataset.to_iter_dataset(read_options=opts))
+
+
+def pad_batch(batch: Batch, prefix_len: int, n_latent: int, length: int) -> Batch:
+    """Re-pad a batch to a larger layout (prefix_len, n_latent, length); the loss is unchanged (extra thought
+    columns of rows without latents hold their own tokens). Gives every host the same static shapes."""
+    P, n, T = batch.prefix_len, batch.n_latent, batch.tokens.shape[1]
+    if prefix_len < P or n_latent < n or length - prefix_len < T - P or length < prefix_len + n_latent + 1:
+        raise ValueError(f"cannot shrink batch layout (P={P}, n={n}, T={T}) to ({prefix_len}, {n_latent}, {length})")
+    widths = ((0, 0), (prefix_len - P, length - prefix_len - (T - P)))
+    pad_tok = int(batch.tokens[~batch.mask][0]) if (~batch.mask).any() else 0
+    return Batch(np.pad(batch.tokens, widths, constant_values=pad_tok), np.pad(batch.mask, widths),
+                 np.pad(batch.labels, widths, constant_values=IGNORE), np.pad(batch.latent, widths),
+                 prefix_len, n_latent)
+
+
+def same_layout_across_hosts(batch: Batch) -> Batch:
+    """Multi-process: pad every host's micro-batch to the common (prefix_len, n_latent, length). No-op on one."""
+    if jax.process_count() == 1:
+        return batch
+    from jax.experimental import multihost_utils
+
+    local = np.array([batch.prefix_len, batch.n_latent, batch.tokens.shape[1] - batch.prefix_len])
+    P, n, rest = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 3).max(0)
+    return pad_batch(batch, int(P), int(n), int(P + rest))
+
+
+class Placement:
+    """Data parallel over all devices when the global micro-batch divides evenly (params replicated, batch split
+    on its first axis), else everything on one device (single process only)."""
+
+    def __init__(self, global_batch: int):
+        n = jax.device_count()
+        if n > 1 and global_batch % n == 0:
+            mesh = Mesh(np.array(jax.devices()), ("data",))
+            self.replicated = NamedSharding(mesh, PartitionSpec())
+            self.data = NamedSharding(mesh, PartitionSpec("data"))
+        elif jax.process_count() > 1:
+            raise ValueError(f"batch_size * process_count = {global_batch} must be a multiple of the {n} devices"
+                             " in multi-process training")
+        else:
+            self.replicated = self.data = SingleDeviceSharding(jax.local_devices()[0])
+
+    def tree(self, tree: Any) -> Any:
+        """A copy of `tree` on the devices (never aliases the input: the trainer donates its state)."""
+        return jax.device_put(jax.tree.map(jax.numpy.copy, tree), self.replicated)  # device_put may alias shard 0
+
+    def batch(self, batch: Batch) -> dict[str, jax.Array]:
+        if jax.process_count() > 1:
+            return {k: jax.make_array_from_process_local_data(self.data, a) for k, a in batch.arrays().items()}
+        return jax.device_put(batch.arrays(), self.data)
+
+
+def fingerprint(records: Sequence[dict[str, Any]]) -> str:
+    """A short hash of the training records (a resumed run must see the same data)."""
+    h = hashlib.sha1()
+    for r in records:
+        h.update(json.dumps(r, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,207 @@
+"""Experiments from YAML configs: tokenizer + data + model + method -> train -> evaluate -> export -> table.
+
+A config has the sections below (see configs/*.yaml); `key=value` overrides use dotted keys
+(`train.epochs=3`, `model.pretrained=path/or/hub-id`). Unknown keys are errors that list the valid ones.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import pathlib
+import time
+from typing import Any
+
+import yaml
+
+SECTIONS = {
+    "name": None,
+    "output_dir": None,
+    "tokenizer": None,
+    "model": {"pretrained": None, "family": "gpt2", "size": "small", "overrides": {}, "compact_vocab": False,
+              "param_dtype": "float32", "dtype": "float32", "seed": 0},
+    "method": {"name": "coconut"},
+    "data": {"task": "prosqa", "train_source": "generated", "train_n": None, "train_path": None, "valid_n": None,
+             "valid_path": None, "seed": 0},
+    "train": {},
+    "eval": {"batch_size": 32, "max_new_tokens": 64, "stage": None},
+}
+REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def resolve_config_path(name: str) -> pathlib.Path:
+    p = pathlib.Path(name)
+    for cand in (p, REPO_CONFIGS / name, REPO_CONFIGS / f"{name}.yaml"):
+        if cand.is_file():
+            return cand
+    have = sorted(x.stem for x in REPO_CONFIGS.glob("*.yaml")) if REPO_CONFIGS.is_dir() else []
+    raise FileNotFoundError(f"config {name!r} not found (a YAML path, or one of {have})")
+
+
+def load_config(path_or_name: str | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """YAML file (or a name in configs/) + dotted `key=value` overrides (values parsed as YAML)."""
+    raw = {}
+    if path_or_name is not None:
+        raw = yaml.safe_load(resolve_config_path(path_or_name).read_text()) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown config section(s) {unknown}; valid: {sorted(SECTIONS)}")
+    cfg = {k: copy.deepcopy(v) for k, v in SECTIONS.items()}
+    for k, v in raw.items():
+        if isinstance(SECTIONS[k], dict):
+            if not isinstance(v, dict):
+                raise ValueError(f"config section {k!r} must be a mapping")
+            if k in ("model", "data", "eval"):
+                bad = sorted(set(v) - set(SECTIONS[k]))
+                if bad:
+                    raise ValueError(f"unknown config key(s) {[f'{k}.{b}' for b in bad]}; valid: {sorted(SECTIONS[k])}")
+            cfg[k].update(v)
+        else:
+            cfg[k] = v
+    cfg["name"] = cfg["name"] or (pathlib.Path(path_or_name).stem if path_or_name else "run")
+    cfg["output_dir"] = cfg["output_dir"] or f"runs/{cfg['name']}"
+    return cfg
+
+
+def _records(cfg: dict):
+    from latent_jax.data import load_dataset
+
+    d = cfg["data"]
+    train = load_dataset(d["task"], split="train", source=d["train_source"], path=d["train_path"], n=d["train_n"],
+                         seed=d["seed"])
+    valid = load_dataset(d["task"], split="valid", source="file", path=d["valid_path"], n=d["valid_n"])
+    return train, valid
+
+
+def build(cfg: dict, train_records, valid_records):
+    """Tokenizer, method and (model_cfg, graphdef, params) for an experiment config."""
+    from latent_jax.compact_vocab import CompactTokenizer
+    from latent_jax.config import gpt2_config, llama_config
+    from latent_jax.hf import load_hf, resolve_checkpoint
+    from latent_jax.methods import build_method, prepare_model
+    from latent_jax.models import init_model
+    from latent_jax.tokenizer import load_tokenizer
+
+    m = cfg["model"]
+    pretrained = m["pretrained"]
+    folder = resolve_checkpoint(pretrained) if pretrained else None
+    tok = load_tokenizer(cfg["tokenizer"] or folder or ("gpt2" if m["family"] == "gpt2" else None))
+    if m["compact_vocab"]:
+        if pretrained:
+            raise ValueError("model.compact_vocab is for random-init models; a pretrained model keeps its vocab")
+        texts = [t for r in list(train_records) + list(valid_records)
+                 for t in [r["question"] + "\n", *(s + "\n" for s in r["steps"]), "### " + r["answer"]]]
+        tok = CompactTokenizer.from_texts(tok, texts)
+    options = {k: v for k, v in cfg["method"].items() if k != "name"}
+    method = build_method(cfg["method"]["name"], tok, **options)
+    if pretrained:
+        mcfg, graphdef, params = load_hf(folder, param_dtype=m["param_dtype"], dtype=m["dtype"])
+    else:
+        maker = gpt2_config if m["family"] == "gpt2" else llama_config
+        mcfg = maker(m["size"], **{**m["overrides"], "vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id,
+                                   "bos_token_id": tok.bos_id, "param_dtype": m["param_dtype"], "dtype": m["dtype"]})
+        graphdef, params = init_model(mcfg, seed=m["seed"])
+    mcfg, graphdef, params = prepare_model(method, mcfg, graphdef, params)
+    return tok, method, mcfg, graphdef, params
+
+
+def final_stage(method, cfg: dict) -> int:
+    stage = cfg["eval"]["stage"]
+    return stage if stage is not None else method.num_stages() - 1 + (1 if method.num_stages() > 1 else 0)
+
+
+def run_train(cfg: dict, progress: bool = True) -> dict:
+    """Train + evaluate + export. Returns the result dict (also written to {output_dir}/result.json)."""
+    from latent_jax.evaluate import evaluate
+    from latent_jax.hf import save_hf
+    from latent_jax.trainer import TrainConfig, train
+
+    t0 = time.perf_counter()
+    out = pathlib.Path(cfg["output_dir"])
+    train_records, valid_records = _records(cfg)
+    tok, method, mcfg, graphdef, params = build(cfg, train_records, valid_records)
+    tcfg = {"output_dir": str(out / "train"), **cfg["train"]}
+    if hasattr(method.cfg, "max_latent_stage"):
+        tcfg.setdefault("max_latent_stage", method.cfg.max_latent_stage)
+        if tcfg["max_latent_stage"] != method.cfg.max_latent_stage:
+            raise ValueError(f"train.max_latent_stage={tcfg['max_latent_stage']} differs from"
+                             f" method.max_latent_stage={method.cfg.max_latent_stage}")
+    tcfg = TrainConfig.from_dict(tcfg)
+    ev = cfg["eval"]
+
+    def eval_fn(g, p, stage):
+        return evaluate(method, valid_records, g, p, stage, batch_size=ev["batch_size"],
+                        max_new_tokens=ev["max_new_tokens"], progress=False)
+
+    result = train(method, train_records, graphdef, params, tcfg, eval_fn=eval_fn)
+    best = result.best_params if result.best_params is not None else result.params
+    stage = final_stage(method, cfg)
+    final = evaluate(method, valid_records, graphdef, best, stage, batch_size=ev["batch_size"],
+                     max_new_tokens=ev["max_new_tokens"], out_path=out / "eval.json", progress=progress)
+    export = save_hf(out / "export", mcfg, best)
+    tok.save(export)
+    summary = {"name": cfg["name"], "method": method.name, "task": cfg["data"]["task"],
+               "train_source": cfg["data"]["train_source"], "train_records": len(train_records),
+               "valid_records": len(valid_records), "model_params": mcfg.num_params(), "eval_stage": stage,
+               "accuracy": final["accuracy"], "mean_generated_tokens": final["mean_generated_tokens"],
+               "seconds_per_question": final["seconds_per_question"], "epochs": tcfg.epochs,
+               "wall_seconds": time.perf_counter() - t0, "export": str(export), "history": result.history,
+               "examples": final["examples"], "config": cfg}
+    (out / "result.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def run_eval(cfg: dict, model_dir: str, progress: bool = True) -> dict:
+    """Evaluate an exported model folder (HF weights + tokenizer, as `run_train` writes) on the config's task."""
+    from latent_jax.compact_vocab import load_any_tokenizer
+    from latent_jax.evaluate import evaluate
+    from latent_jax.hf import load_hf
+    from latent_jax.methods import build_method
+
+    from latent_jax.data import load_dataset
+
+    d = cfg["data"]
+    valid = load_dataset(d["task"], split="valid", source="file", path=d["valid_path"], n=d["valid_n"])
+    tok = load_any_tokenizer(model_dir)
+    method = build_method(cfg["method"]["name"], tok, **{k: v for k, v in cfg["method"].items() if k != "name"})
+    _, graphdef, params = load_hf(model_dir)
+    return evaluate(method, valid, graphdef, params, final_stage(method, cfg), batch_size=cfg["eval"]["batch_size"],
+                    max_new_tokens=cfg["eval"]["max_new_tokens"], progress=progress,
+                    out_path=pathlib.Path(cfg["output_dir"]) / "eval.json")
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = [("method", "method"), ("task", "task"), ("eval_stage", "stage"), ("accuracy", "accuracy"),
+            ("mean_generated_tokens", "gen tokens"), ("seconds_per_question", "s/question"),
+            ("train_records", "train records"), ("train_source", "train data"), ("wall_seconds", "wall s")]
+    fmt = lambda k, v: f"{100 * v:.1f}%" if k == "accuracy" else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa
+    table = [[h for _, h in cols]] + [[fmt(k, r.get(k, "")) for k, _ in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run_export(cfg: dict, checkpoint_dir: str, out: str, step: int | None = None) -> pathlib.Path:
+    """Restore params from an orbax checkpoint of this config's run and write a HF folder (+ tokenizer)."""
+    from latent_jax.checkpoint import Checkpointer, abstract_like
+    from latent_jax.hf import save_hf
+
+    train_records, valid_records = _records(cfg)
+    tok, _, mcfg, _, params = build(cfg, train_records, valid_records)
+    ckpt = Checkpointer(checkpoint_dir, async_save=False)
+    try:
+        restored, _ = ckpt.restore(step, abstract_like(params))
+    finally:
+        ckpt.close()
+    folder = save_hf(out, mcfg, restored)
+    tok.save(folder)
+    return folder

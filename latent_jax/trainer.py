@@ -1,0 +1,299 @@
+"""Curriculum trainer (Coconut schedule) with AdamW, token-weighted gradient accumulation and exact resume.
+
+Per epoch e: stage = min(e // epochs_per_stage, max_latent_stage + 1) (see `data.pipeline.scheduled_stage`);
+each example uses that stage, or with probability `uniform_prob` a random one. One optimizer step = grad_accum
+micro-batches; gradients are sums of per-token losses, divided by the step's total token count: identical to one
+big batch's mean token loss. Optimizer state is reset (fresh AdamW moments and count) when the stage changes
+(`reset_optimizer`), the learning-rate schedule follows the global step. Checkpoints: `latent_jax.checkpoint`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from latent_jax.checkpoint import Checkpointer, MetricsLog, abstract_like, check_compatible
+from latent_jax.data.pipeline import (Placement, epoch_dataset, epoch_iterator, fingerprint,
+                                      micro_batches_per_epoch, same_layout_across_hosts, scheduled_stage)
+from latent_jax.latent import loss_fn
+from latent_jax.models import get_config
+
+log = logging.getLogger(__name__)
+SCHEDULES, RESETS = ("constant", "cosine", "linear"), ("stage", "epoch", "never")
+# Fields that may change when a run is resumed (they do not change the training trajectory).
+RESUMABLE = ("log_every", "checkpoint_every_steps", "keep_checkpoints", "output_dir", "eval_every_epoch", "progress")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters. Effective batch = batch_size (micro-batch per process) * grad_accum *
+    process_count. output_dir None: no checkpoints / metrics file. max_len None: the model's max_positions."""
+
+    epochs: int = 1
+    epochs_per_stage: int = 1
+    max_latent_stage: int = 0
+    uniform_prob: float = 0.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    grad_clip: float | None = None
+    reset_optimizer: str = "stage"
+    seed: int = 0
+    bucket: int = 32
+    max_len: int | None = None
+    log_every: int = 10
+    checkpoint_every_steps: int | None = None
+    keep_checkpoints: int = 3
+    output_dir: str | None = None
+    eval_every_epoch: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.output_dir is not None:
+            object.__setattr__(self, "output_dir", str(self.output_dir))
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type.startswith("float") and isinstance(v, (int, str)) and not isinstance(v, bool):
+                try:
+                    object.__setattr__(self, f.name, float(v))
+                except ValueError:
+                    raise ValueError(f"TrainConfig.{f.name} must be a number, got {v!r}") from None
+            elif f.type.startswith("int") and v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"TrainConfig.{f.name} must be an integer, got {v!r}")
+        bad = [(n, ">= 1") for n in ("epochs", "epochs_per_stage", "batch_size", "grad_accum", "bucket", "log_every",
+                                    "keep_checkpoints") if getattr(self, n) < 1]
+        bad += [(n, ">= 0") for n in ("max_latent_stage", "weight_decay", "warmup_steps") if not getattr(self, n) >= 0]
+        bad += [(n, want) for n, ok, want in (
+            ("uniform_prob", 0 <= self.uniform_prob <= 1, "in [0, 1]"),
+            ("lr", math.isfinite(self.lr) and self.lr > 0, "finite and > 0"),
+            ("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
+            ("reset_optimizer", self.reset_optimizer in RESETS, f"one of {RESETS}"),
+            ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "None or > 0"),
+            ("max_len", self.max_len is None or self.max_len >= 2, "None or >= 2"),
+            ("checkpoint_every_steps", self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
+             "None or >= 1")) if not ok]
+        if bad:
+            raise ValueError(f"TrainConfig.{bad[0][0]}={getattr(self, bad[0][0])!r} is invalid: must be {bad[0][1]}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """Build from a dict; unknown keys are an error that lists the valid ones."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown train config key(s) {unknown}; valid: {valid}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def stage(self, epoch: int) -> int:
+        """The scheduled curriculum stage of `epoch`."""
+        return scheduled_stage(epoch, self.epochs_per_stage, self.max_latent_stage)
+
+    def resets_at(self, epoch: int) -> bool:
+        """Whether the optimizer state is re-initialised at the start of `epoch` (> 0)."""
+        return epoch > 0 and (self.reset_optimizer == "epoch" or
+                              (self.reset_optimizer == "stage" and self.stage(epoch) != self.stage(epoch - 1)))
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """Learning rate of optimizer step `step` (0-based): linear warmup, then constant / cosine / linear to 0."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return self.lr
+        frac = min(1.0, (step - self.warmup_steps) / max(1, total_steps - self.warmup_steps))
+        return self.lr * (0.5 * (1 + math.cos(math.pi * frac)) if self.schedule == "cosine" else 1 - frac)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` returns; params / opt_state are the final state (as placed on the devices)."""
+    params: Any
+    best_params: Any | None  # params of the epoch with the best eval accuracy (None without eval_fn)
+    best_accuracy: float | None
+    history: list[dict[str, Any]]  # one dict per epoch: epoch, stage, step, train_loss, scalar eval metrics
+    step: int = 0  # optimizer steps done
+    opt_state: Any = None
+
+
+def make_optimizer(weight_decay: float, grad_clip: float | None) -> optax.GradientTransformation:
+    """AdamW at lr 1 (the trainer scales updates by the scheduled lr), after optional global-norm clipping.
+    Weight decay applies to every parameter, as torch.optim.AdamW in the reference."""
+    adamw = optax.adamw(1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+    return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip else adamw
+
+
+@functools.lru_cache(maxsize=8)
+def make_steps(graphdef, weight_decay: float, grad_clip: float | None) -> tuple[Any, Callable, Callable]:
+    """(optimizer, micro_step, apply_step), the steps jitted (cached per model graph and optimizer); graphdef is closed over (static).
+    micro_step(params, acc, batch, prefix_len, n_latent) adds d(sum of token losses)/d(params) to acc (donated);
+    apply_step(params, opt_state, acc, n_tokens, lr) applies AdamW to acc / n_tokens (params, state donated)."""
+    tx = make_optimizer(weight_decay, grad_clip)
+
+    def micro(params, acc, batch, prefix_len: int, n_latent: int):
+        def summed(p):
+            _, aux = loss_fn(p, graphdef, batch, prefix_len, n_latent)
+            return aux["loss_sum"], aux
+
+        (_, aux), grads = jax.value_and_grad(summed, has_aux=True)(params)
+        acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads)
+        return acc, {"loss_sum": aux["loss_sum"], "n_tokens": aux["n_tokens"], "n_input": batch["mask"].sum()}
+
+    def apply(params, opt_state, acc, n_tokens, lr):
+        grads = jax.tree.map(lambda a, p: (a / jnp.maximum(n_tokens, 1)).astype(p.dtype), acc, params)
+        gnorm = optax.tree.norm(grads)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, jax.tree.map(lambda u: lr * u, updates))
+        ok = jnp.isfinite(gnorm)  # never let a non-finite gradient touch the state
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        return keep(new_params, params), keep(new_opt, opt_state), jax.tree.map(jnp.zeros_like, acc), gnorm
+
+    return (tx, jax.jit(micro, static_argnames=("prefix_len", "n_latent"), donate_argnames=("acc",)),
+            jax.jit(apply, donate_argnames=("params", "opt_state", "acc")))
+
+
+def _scalar(x) -> float:
+    return float(np.asarray(x.addressable_data(0))) if isinstance(x, jax.Array) else float(x)
+
+
+def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg: TrainConfig,
+          eval_fn: Callable[[Any, Any, int], dict[str, Any]] | None = None, resume: bool = True,
+          on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train `params` on `train_records` with `method`'s curriculum. Resumes from `cfg.output_dir` when it holds
+    checkpoints (resume=False then raises). `eval_fn(graphdef, params, stage) -> {"accuracy": ...}` runs after
+    each epoch; `on_step(metrics)` after each optimizer step. Non-finite loss/gradient -> FloatingPointError."""
+    model_cfg = get_config(graphdef, params)
+    max_len = cfg.max_len or model_cfg.max_positions
+    if max_len > model_cfg.max_positions:
+        raise ValueError(f"max_len {max_len} > the model's max_positions {model_cfg.max_positions}")
+    pc, main = jax.process_count(), jax.process_index() == 0
+    n_micro = micro_batches_per_epoch(len(train_records), cfg.batch_size)
+    total_steps = cfg.epochs * -(-n_micro // cfg.grad_accum)
+    tx, micro_step, apply_step = make_steps(graphdef, cfg.weight_decay, cfg.grad_clip)
+    place = Placement(cfg.batch_size * pc)
+    params = place.tree(params)
+    opt_state = place.tree(tx.init(params))
+    acc = place.tree(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+    trajectory = {k: v for k, v in cfg.to_dict().items()
+                  if k not in RESUMABLE and not (k == "epochs" and cfg.schedule == "constant")}
+    trajectory.update(method=getattr(method, "name", type(method).__name__), n_records=len(train_records),
+                      data=fingerprint(train_records), process_count=pc)
+    out = cfg.output_dir
+    ckpt = Checkpointer(f"{out}/checkpoints", cfg.keep_checkpoints) if out else None
+    best_ckpt = Checkpointer(f"{out}/best", 1) if out and eval_fn is not None else None
+    bar = tqdm(total=total_steps, disable=not (main and cfg.progress), desc="train", dynamic_ncols=True)
+    try:  # from here on, pending checkpoints are committed and closed whatever happens
+        step, epoch, micro, history = 0, 0, 0, []
+        best_acc, best_params, epoch_loss, epoch_tokens = None, None, 0.0, 0
+        restored = ckpt.latest_step() if ckpt else None
+        if restored is not None:
+            if not resume:
+                raise ValueError(f"{ckpt.directory} holds checkpoints (latest step {restored}); pass resume=True to"
+                                 " continue that run or use another output_dir")
+            meta = ckpt.restore_meta(restored)
+            check_compatible(meta, model_cfg.to_dict(), trajectory, ckpt.directory / str(restored))
+            step, epoch, micro, history = meta["step"], meta["epoch"], meta["micro"], meta["history"]
+            best_acc, epoch_loss, epoch_tokens = meta["best_accuracy"], meta["epoch_loss"], meta["epoch_tokens"]
+        if best_ckpt is not None:
+            for s in best_ckpt.all_steps():  # a "best" newer than the resumed step will be recomputed
+                if s > step or restored is None:
+                    best_ckpt.manager.delete(s)
+            if best_acc is not None:
+                best_params = best_ckpt.restore(None, abstract_like(params))[0]
+        metrics = MetricsLog(cfg.output_dir, step)
+        bar.update(step)
+
+        def save(data_iter) -> None:
+            meta = dict(step=step, epoch=epoch, micro=micro, stage=cfg.stage(epoch), history=history,
+                        best_accuracy=best_acc, epoch_loss=epoch_loss, epoch_tokens=epoch_tokens, seed=cfg.seed,
+                        model_config=model_cfg.to_dict(), train_config=trajectory, train_config_full=cfg.to_dict())
+            ckpt.save(step, params, meta, opt_state, data_iter)
+
+        while epoch < cfg.epochs:
+            stage = cfg.stage(epoch)
+            it = epoch_iterator(epoch_dataset(method, train_records, epoch=epoch, stage=stage, seed=cfg.seed,
+                                              batch_size=cfg.batch_size, uniform_prob=cfg.uniform_prob,
+                                              bucket=cfg.bucket, max_len=max_len))
+            if restored is not None:  # first epoch after a resume: restore state (and the iterator mid-epoch)
+                abstract = (abstract_like(params), abstract_like(opt_state))
+                params, opt_state = ckpt.restore(restored, *abstract, data_iter=it if micro else None)
+                restored = None
+            if micro == 0 and cfg.resets_at(epoch):
+                opt_state = place.tree(tx.init(params))
+            while micro < n_micro:
+                t0, stats = time.perf_counter(), []
+                for _ in range(min(cfg.grad_accum, n_micro - micro)):
+                    b = same_layout_across_hosts(next(it))
+                    acc, s = micro_step(params, acc, place.batch(b), b.prefix_len, b.n_latent)
+                    stats.append(s)
+                    micro += 1
+                loss_sum = sum(_scalar(s["loss_sum"]) for s in stats)
+                n_tok = sum(int(_scalar(s["n_tokens"])) for s in stats)
+                loss, lr = loss_sum / max(n_tok, 1), cfg.lr_at(step, total_steps)
+                if not math.isfinite(loss):
+                    _fail(ckpt, f"loss is {loss}", step, epoch, stage)
+                params, opt_state, acc, gnorm = apply_step(params, opt_state, acc, jnp.float32(n_tok), jnp.float32(lr))
+                if not math.isfinite(_scalar(gnorm)):
+                    _fail(ckpt, f"gradient norm is {_scalar(gnorm)}", step, epoch, stage)
+                step, epoch_loss, epoch_tokens = step + 1, epoch_loss + loss_sum, epoch_tokens + n_tok
+                dt = time.perf_counter() - t0
+                rec = dict(step=step, epoch=epoch, stage=stage, loss=loss, tokens=n_tok,
+                           tok_per_s=sum(_scalar(s["n_input"]) for s in stats) / dt, lr=lr, grad_norm=_scalar(gnorm))
+                metrics.write(rec)
+                bar.update(1)
+                if step % cfg.log_every == 0:
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tok_per_s']:.0f}", stage=stage)
+                    if main and not cfg.progress:
+                        log.info("step %d epoch %d stage %d loss %.4f tok/s %.0f", *list(rec.values())[:4],
+                                 rec["tok_per_s"])
+                if ckpt and micro < n_micro and cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
+                    save(it)
+                if on_step is not None:
+                    on_step(rec)
+            entry = dict(epoch=epoch, stage=stage, step=step, train_loss=epoch_loss / max(epoch_tokens, 1))
+            if eval_fn is not None and (cfg.eval_every_epoch or epoch == cfg.epochs - 1):
+                result = eval_fn(graphdef, params, stage)
+                if "accuracy" not in result:
+                    raise ValueError(f"eval_fn must return a dict with 'accuracy', got keys {sorted(result)}")
+                scalars = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                entry.update(scalars)
+                metrics.write(dict(step=step, epoch=epoch, stage=stage, eval=scalars))
+                if best_acc is None or result["accuracy"] > best_acc:
+                    best_acc, best_params = float(result["accuracy"]), jax.tree.map(jnp.copy, params)
+                    if best_ckpt is not None:
+                        best_ckpt.save(step, best_params, dict(step=step, epoch=epoch, accuracy=best_acc))
+            history.append(entry)
+            it.close()
+            epoch, micro, epoch_loss, epoch_tokens = epoch + 1, 0, 0.0, 0
+            if ckpt:
+                save(None)
+        if restored is not None:  # the run had already finished: just load its final state
+            params, opt_state = ckpt.restore(restored, abstract_like(params), abstract_like(opt_state))
+    finally:
+        bar.close()
+        for c in (ckpt, best_ckpt):
+            if c is not None:
+                c.close()
+    return TrainResult(params, best_params, best_acc, history, step, opt_state)
+
+
+def _fail(ckpt: Checkpointer | None, what: str, step: int, epoch: int, stage: int):
+    """Stop on a non-finite loss: keep the last good checkpoint (pending saves are committed, nothing new)."""
+    last = (ckpt.wait(), ckpt.latest_step())[1] if ckpt is not None else None
+    where = (f"last good checkpoint: step {last} in {ckpt.directory}" if last is not None else
+             "no checkpoint yet" if ckpt is not None else "no checkpointing (output_dir is None)")
+    raise FloatingPointError(f"{what} at optimizer step {step + 1} (epoch {epoch}, stage {stage}); training"
+                             f" stopped before updating the parameters; {where}")

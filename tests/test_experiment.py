@@ -1,0 +1,86 @@
+"""YAML configs: every shipped config loads and builds its method; overrides; unknown keys are errors."""
+import pathlib
+
+import pytest
+
+from latent_jax.experiment import REPO_CONFIGS, build, format_table, load_config
+from latent_jax.methods import METHODS, build_method
+from latent_jax.tokenizer import load_tokenizer
+
+CONFIGS = sorted(p.stem for p in REPO_CONFIGS.glob("*.yaml"))
+
+
+def test_configs_exist_for_every_method():
+    assert {load_config(c)["method"]["name"] for c in CONFIGS} >= set(METHODS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_loads_and_builds_method(name):
+    cfg = load_config(name)
+    from latent_jax.trainer import TrainConfig
+    TrainConfig.from_dict({"output_dir": "/tmp/x", **cfg["train"],
+                           **({"max_latent_stage": cfg["method"]["max_latent_stage"]}
+                              if "max_latent_stage" in cfg["method"] else {})})
+    m = build_method(cfg["method"]["name"], load_tokenizer("gpt2"),
+                     **{k: v for k, v in cfg["method"].items() if k != "name"})
+    assert m.num_stages() >= 1
+
+
+def test_overrides_and_errors(tmp_path):
+    cfg = load_config("prosqa_coconut_cpu", ["train.epochs=2", "model.overrides.n_layers=1", "data.train_n=10"])
+    assert cfg["train"]["epochs"] == 2 and cfg["model"]["overrides"]["n_layers"] == 1
+    assert cfg["model"]["overrides"]["d_model"] == 128  # untouched keys kept
+    with pytest.raises(ValueError, match=r"unknown config key.*data.trian_n.*valid"):
+        load_config("prosqa_coconut_cpu", ["data.trian_n=3"])
+    with pytest.raises(ValueError, match="unknown config section"):
+        load_config("prosqa_coconut_cpu", ["trainn.epochs=3"])
+    with pytest.raises(FileNotFoundError, match="prosqa_coconut_cpu"):
+        load_config("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: {name: coconut, c_thougth: 2}\n")
+    with pytest.raises(ValueError, match="unknown option"):
+        build(load_config(str(bad)), [], [])
+
+
+def test_build_compact_model_from_records():
+    cfg = load_config("prosqa_coconut_cpu")
+    recs = [{"question": "Every a is a b. Is Tom a b or c?", "steps": ["Tom is a a."], "answer": "Tom is a b."}]
+    tok, method, mcfg, graphdef, params = build(cfg, recs, recs)
+    assert mcfg.vocab_size == tok.vocab_size < 40 and method.name == "coconut"
+    assert "accuracy" in format_table([{"method": "coconut", "accuracy": 0.5}])
+
+
+def test_train_export_eval_end_to_end(tmp_path, capsys):
+    """The default job's code path at toy size: train -> result table -> export from orbax -> eval."""
+    import json
+
+    import numpy as np
+
+    from latent_jax.cli import main
+    from latent_jax.hf import load_hf
+    from latent_jax.models import forward
+
+    out = tmp_path / "run"
+    ov = ["data.train_n=24", "data.valid_n=6", "train.epochs=2", "train.batch_size=8", "train.progress=false",
+          "model.overrides.n_layers=1", "model.overrides.d_model=32", "model.overrides.head_dim=8",
+          "model.overrides.d_ff=64", "eval.batch_size=6", "eval.max_new_tokens=4", f"output_dir={out}"]
+    assert main(["train", "prosqa_coconut_cpu", *ov]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "coconut" in printed
+    result = json.loads((out / "result.json").read_text())
+    assert result["train_records"] == 24 and result["valid_records"] == 6 and 0 <= result["accuracy"] <= 1
+    assert result["mean_generated_tokens"] <= 4 and (out / "train" / "metrics.jsonl").exists()
+    # export the latest checkpoint and the best one; the best must equal the run's own export
+    assert main(["export", "prosqa_coconut_cpu", *ov, "--checkpoint", str(out / "train" / "checkpoints"),
+                 "--out", str(tmp_path / "exp")]) == 0
+    _, g1, p1 = load_hf(tmp_path / "exp")
+    assert main(["export", "prosqa_coconut_cpu", *ov, "--checkpoint", str(out / "train" / "best"),
+                 "--out", str(tmp_path / "exp_best")]) == 0
+    _, g2, p2 = load_hf(tmp_path / "exp_best")
+    _, g0, p0 = load_hf(out / "export")
+    toks = np.arange(1, 9, dtype=np.int32)[None]
+    np.testing.assert_array_equal(forward(g2, p2, tokens=toks).logits, forward(g0, p0, tokens=toks).logits)
+    assert forward(g1, p1, tokens=toks).logits.shape == forward(g0, p0, tokens=toks).logits.shape
+    assert main(["eval", "prosqa_coconut_cpu", *ov, "--model-dir", str(out / "export")]) == 0
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["accuracy"] == result["accuracy"] and ev["n"] == 6

@@ -1,0 +1,209 @@
+"""Curriculum trainer and grain pipeline: config validation, stage schedule, uniform_prob mixing, sharding and
+padding, iterator state, optimizer resets, grad accumulation == big batch, learning, NaN handling."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from latent_jax.checkpoint import Checkpointer
+from latent_jax.data.pipeline import Placement, epoch_dataset, epoch_iterator, example_stage, pad_batch, scheduled_stage
+from latent_jax.latent import loss_fn
+from latent_jax.methods.base import IGNORE, Example, Prompt, collate
+from latent_jax.models import init_model
+from latent_jax.testing import tiny_config
+from latent_jax.trainer import TrainConfig, make_steps, train
+
+BOT, EOT, LAT, EOS, POISON = 200, 201, 202, 1, 10_000  # POISON >= vocab_size: its embedding is NaN (jnp.take)
+
+
+class ToyMethod:
+    """Coconut-shaped toy: question <bot> <latent>*(k*c) <eot> remaining steps answer <eos> (token ids as data).
+    A record with "poison_stage" == stage gets an out-of-vocabulary token (-> NaN loss)."""
+
+    name = "toy"
+    special_tokens = ()
+
+    def __init__(self, c: int = 1, max_latent_stage: int = 1):
+        self.c, self.max_latent_stage = c, max_latent_stage
+
+    def num_stages(self) -> int:
+        return self.max_latent_stage + 1
+
+    def encode(self, record: dict, stage: int) -> Example:
+        steps = record["steps"]
+        if stage > self.max_latent_stage:
+            skip, n_lat = len(steps), min(len(steps), self.max_latent_stage) * self.c
+        else:
+            skip = min(stage, len(steps))
+            n_lat = skip * self.c
+        q = list(record["question"])
+        if record.get("poison_stage") == stage:
+            q[0] = POISON
+        rest = [t for s in steps[skip:] for t in s] + list(record["answer"]) + [EOS]
+        tokens = q + [BOT] + [LAT] * n_lat + [EOT] + rest
+        return Example(tokens, [IGNORE] * (len(q) + n_lat + 2) + rest, latent_start=len(q) + 1, n_latent=n_lat)
+
+    def prompt(self, record: dict, stage: int) -> Prompt:
+        return Prompt(list(record["question"]))
+
+
+def toy_records(n: int, seed: int = 0, n_steps: int = 2, q_len: int = 5) -> list[dict]:
+    """Learnable: steps are shifted copies of the question's first tokens, answer = sum(question) mod 50 + 60."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        q = [int(x) for x in rng.integers(10, 60, q_len)]
+        out.append({"question": q, "steps": [[t + 1 + i for t in q[:3]] for i in range(n_steps)],
+                    "answer": [sum(q) % 50 + 60]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    return init_model(tiny_config("gpt2"), seed=0)
+
+
+def quiet(**kw) -> TrainConfig:
+    return TrainConfig(**{"progress": False, "bucket": 16, **kw})
+
+
+def test_config_validation_and_from_dict():
+    for bad in [dict(epochs=0), dict(uniform_prob=1.5), dict(schedule="step"), dict(reset_optimizer="always"),
+                dict(grad_clip=0.0), dict(lr=-1.0), dict(batch_size=0), dict(grad_accum=0), dict(lr="fast"),
+                dict(checkpoint_every_steps=0), dict(max_len=1), dict(epochs=2.5)]:
+        with pytest.raises(ValueError, match="TrainConfig." + next(iter(bad))):
+            TrainConfig(**bad)
+    with pytest.raises(ValueError, match=r"unknown train config key.*'lrr'.*valid:.*'lr'"):
+        TrainConfig.from_dict({"lrr": 1e-3})
+    cfg = TrainConfig.from_dict({"lr": "1e-4", "output_dir": "/tmp/x", "grad_clip": 1})
+    assert cfg.lr == 1e-4 and cfg.grad_clip == 1.0 and cfg.reset_optimizer == "stage" and cfg.weight_decay == 0.01
+
+
+def test_stage_schedule_and_lr():
+    cfg = TrainConfig(epochs=10, epochs_per_stage=2, max_latent_stage=2)
+    assert [cfg.stage(e) for e in range(10)] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3] == \
+        [scheduled_stage(e, 2, 2) for e in range(10)]
+    assert [cfg.resets_at(e) for e in range(5)] == [False, False, True, False, True]
+    assert [TrainConfig(reset_optimizer="epoch").resets_at(e) for e in range(3)] == [False, True, True]
+    assert not any(TrainConfig(reset_optimizer="never").resets_at(e) for e in range(3))
+    c = TrainConfig(lr=1.0, warmup_steps=2, schedule="cosine")
+    assert [round(c.lr_at(s, 12), 6) for s in (0, 1, 2, 7, 12)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    assert TrainConfig(lr=1.0, schedule="linear").lr_at(5, 10) == 0.5 and TrainConfig(lr=2.0).lr_at(99, 10) == 2.0
+
+
+def test_uniform_prob_mixing_frequency():
+    rec = {"steps": ["a", "b", "c"]}
+    stages = np.array([example_stage(rec, i, epoch=4, stage=3, seed=0, uniform_prob=0.4) for i in range(6000)])
+    # A random draw is uniform over [0, 3]: it differs from the scheduled stage 3 with probability 3/4.
+    assert abs(np.mean(stages != 3) - 0.4 * 0.75) < 0.025
+    assert all(abs(np.mean(stages == k) - 0.1) < 0.02 for k in range(3))
+    again = [example_stage(rec, i, epoch=4, stage=3, seed=0, uniform_prob=0.4) for i in range(50)]
+    assert again == list(stages[:50])  # deterministic in (seed, epoch, index)
+    other = [example_stage(rec, i, epoch=5, stage=3, seed=0, uniform_prob=0.4) for i in range(50)]
+    assert other != again
+    assert all(example_stage(rec, i, 0, 2, 0, 0.0) == 2 for i in range(10))
+
+
+def _questions(ds) -> list[tuple]:
+    """The questions (5 tokens before <bot>) of the real rows, in batch order."""
+    return [tuple(b.tokens[i, b.prefix_len - 6:b.prefix_len - 1].tolist()) for b in ds for i in range(len(b.mask))
+            if b.mask[i].any()]
+
+
+def test_pipeline_shuffle_shard_pad_and_resume():
+    method, recs = ToyMethod(), toy_records(10)
+    kw = dict(epoch=0, stage=1, seed=3, batch_size=4, bucket=16)
+    ds = epoch_dataset(method, recs, **kw)
+    batches = list(ds)
+    assert len(ds) == 3 and all(b.tokens.shape[0] == 4 for b in batches)  # last partial batch padded
+    assert batches[-1].mask.sum(1).tolist()[2:] == [0, 0] and (batches[-1].labels[2:] == IGNORE).all()
+    assert all(b.n_latent == 1 and b.prefix_len == 16 for b in batches)
+    order = _questions(batches)
+    assert sorted(order) == sorted(tuple(r["question"]) for r in recs)
+    order1 = _questions(epoch_dataset(method, recs, **{**kw, "epoch": 1}))
+    assert order1 != order and sorted(order1) == sorted(order)  # reshuffled each epoch
+    assert _questions(epoch_dataset(method, recs, **kw)) == order  # deterministic
+    shards = [_questions(epoch_dataset(method, recs, **kw, process_index=p, process_count=3)) for p in range(3)]
+    assert [len(s) for s in shards] == [3, 3, 3] and len(set(sum(shards, []))) == 9  # disjoint, equal sizes
+    it = epoch_iterator(ds)
+    next(it)
+    state = it.get_state()
+    expected = next(it)
+    it2 = epoch_iterator(ds)
+    it2.set_state(state)
+    np.testing.assert_array_equal(next(it2).tokens, expected.tokens)
+
+
+def test_pad_batch_keeps_loss(model):
+    graphdef, params = model
+    method = ToyMethod(max_latent_stage=2)
+    b = collate([method.encode(r, s) for r, s in zip(toy_records(3), (0, 1, 2))], 0, bucket=8)
+    big = pad_batch(b, b.prefix_len + 8, b.n_latent + 2, b.tokens.shape[1] + 16)
+    f = jax.jit(loss_fn, static_argnames=("graphdef", "prefix_len", "n_latent"))
+    l1, a1 = f(params, graphdef, b.arrays(), b.prefix_len, b.n_latent)
+    l2, a2 = f(params, graphdef, big.arrays(), big.prefix_len, big.n_latent)
+    assert int(a1["n_tokens"]) == int(a2["n_tokens"]) and abs(float(l1) - float(l2)) < 1e-5
+
+
+def test_grad_accum_equals_big_batch(model):
+    """Token-weighted accumulation over 2 micro-batches (different layouts: 0 and 1 latent columns, different
+    lengths) == the gradient of one batch's mean token loss."""
+    graphdef, params = model
+    method = ToyMethod()
+    exs = [method.encode(r, int(i >= 4)) for i, r in enumerate(toy_records(8, seed=1))]
+    _, micro_step, _ = make_steps(graphdef, 0.01, None)
+    place = Placement(4)  # as `train` places them (single device): reuses the compiled steps
+    params = place.tree(params)
+    zeros = lambda: place.tree(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))  # noqa: E731
+    big = collate(exs, 0, bucket=16)
+    acc_big, s_big = micro_step(params, zeros(), place.batch(big), big.prefix_len, big.n_latent)
+    acc, n_tok = zeros(), 0
+    for k in (0, 4):
+        mb = collate(exs[k:k + 4], 0, bucket=16)
+        acc, s = micro_step(params, acc, place.batch(mb), mb.prefix_len, mb.n_latent)
+        n_tok += int(s["n_tokens"])
+    assert n_tok == int(s_big["n_tokens"]) and n_tok > 0
+    for a, b in zip(jax.tree.leaves(acc), jax.tree.leaves(acc_big)):
+        np.testing.assert_allclose(np.asarray(a) / n_tok, np.asarray(b) / n_tok, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy,epochs_per_stage,expected_count", [("stage", 1, 2), ("stage", 2, 4),
+                                                                    ("never", 1, 4), ("epoch", 2, 2)])
+def test_optimizer_reset(model, policy, epochs_per_stage, expected_count):
+    """2 epochs x 2 steps: AdamW's count (and moments) restart when the policy says so."""
+    graphdef, params = model
+    r = train(ToyMethod(), toy_records(8), graphdef, params,
+              quiet(epochs=2, epochs_per_stage=epochs_per_stage, batch_size=4, reset_optimizer=policy))
+    adam = r.opt_state[0]
+    assert r.step == 4 and int(adam.count) == expected_count
+
+
+def test_training_reduces_loss(model):
+    """batch_size 8: data parallel over the 8 CPU devices (params replicated, batch split)."""
+    graphdef, params = model
+    r = train(ToyMethod(), toy_records(8), graphdef, params,
+              quiet(epochs=16, epochs_per_stage=100, batch_size=8, lr=1e-2))
+    losses = [h["train_loss"] for h in r.history]
+    assert len(jax.tree.leaves(r.params)[0].sharding.device_set) == jax.device_count() == 8
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(model, tmp_path):
+    graphdef, params = model
+    recs = toy_records(8)
+    recs[5]["poison_stage"] = 1  # NaN in epoch 1 (stage 1) only
+    cfg = quiet(epochs=3, batch_size=4, checkpoint_every_steps=1, output_dir=str(tmp_path))
+    with pytest.raises(FloatingPointError, match=r"loss is nan at optimizer step (3|4) .*last good checkpoint: step"):
+        train(ToyMethod(), recs, graphdef, params, cfg)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    ck = Checkpointer(tmp_path / "checkpoints")
+    last = ck.latest_step()
+    assert last == lines[-1]["step"] >= 2 and all(np.isfinite(x["loss"]) for x in lines)
+    restored, _ = ck.restore(last, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored))
+    assert ck.restore_meta(last)["step"] == last
+    ck.close()
