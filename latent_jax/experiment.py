@@ -114,8 +114,11 @@ def build(cfg: dict, train_records, valid_records):
 
 
 def final_stage(method, cfg: dict) -> int:
-    stage = cfg["eval"]["stage"]
-    return stage if stage is not None else method.num_stages() - 1 + (1 if method.num_stages() > 1 else 0)
+    """The configured eval stage, else the final one (beyond max_latent_stage: all steps removed)."""
+    if cfg["eval"]["stage"] is not None:
+        return cfg["eval"]["stage"]
+    n = method.num_stages()
+    return n if n > 1 else 0
 
 
 def run_train(cfg: dict, progress: bool = True) -> dict:

@@ -17,7 +17,7 @@ from latent_jax.config import ModelConfig, RopeScaling
 from latent_jax.params import flatten_params, params_from_flat
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama")
-SUPPORTED_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}  # BF16 read as ml_dtypes.bfloat16
+SUPPORTED_DTYPES = {"F32", "F16", "BF16"}  # BF16 arrives as ml_dtypes.bfloat16
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 # One entry per group: (hf names, our names, hf arrays -> ours, ours -> hf arrays).
@@ -76,10 +76,6 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                 num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                 max_position_embeddings=cfg.max_positions, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
                 rope_scaling=rs, attention_bias=cfg.attn_bias, mlp_bias=cfg.mlp_bias, hidden_act="silu", **common)
-
-
-def _same(hf_name, ours):
-    return [hf_name], [ours], lambda a: a, lambda a: a
 
 
 def _groups(cfg: ModelConfig) -> list[Group]:

@@ -19,12 +19,10 @@ from latent_jax.methods.base import IGNORE
 from latent_jax.models import embed_tokens, forward, get_config, init_cache
 
 
-def latent_forward(graphdef, params, tokens, mask, latent, prefix_len: int, n_latent: int,
-                   return_thoughts: bool = False):
-    """Logits [B, T, V] (f32) of a batch with continuous thoughts. Optionally also the thought vectors [B, n, D]."""
+def latent_forward(graphdef, params, tokens, mask, latent, prefix_len: int, n_latent: int):
+    """Logits [B, T, V] (f32) of a batch with continuous thoughts."""
     if n_latent == 0:
-        out = forward(graphdef, params, tokens=tokens, mask=mask)
-        return (out.logits, None) if return_thoughts else out.logits
+        return forward(graphdef, params, tokens=tokens, mask=mask).logits
     cfg = get_config(graphdef, params)
     B, T = tokens.shape
     P, n = prefix_len, n_latent
@@ -40,13 +38,11 @@ def latent_forward(graphdef, params, tokens, mask, latent, prefix_len: int, n_la
         x_BxD = jnp.where(is_latent[:, None], h_prev_BxD.astype(tok_emb.dtype), tok_emb)
         m = jax.lax.dynamic_slice_in_dim(mask, col, 1, axis=1)
         o = forward(graphdef, params, embeds=x_BxD[:, None], mask=m, cache=cache)
-        return (o.cache, o.hidden[:, 0]), (o.logits[:, 0], x_BxD)
+        return (o.cache, o.hidden[:, 0]), o.logits[:, 0]
 
-    (cache, _), (logits_nxBxV, thoughts_nxBxD) = jax.lax.scan(think, (pre.cache, pre.hidden[:, -1]),
-                                                              jnp.arange(n))
+    (cache, _), logits_nxBxV = jax.lax.scan(think, (pre.cache, pre.hidden[:, -1]), jnp.arange(n))
     rest = forward(graphdef, params, embeds=emb_BxTxD[:, P + n:], mask=mask[:, P + n:], cache=cache)
-    logits = jnp.concatenate([pre.logits, jnp.swapaxes(logits_nxBxV, 0, 1), rest.logits], axis=1)
-    return (logits, jnp.swapaxes(thoughts_nxBxD, 0, 1)) if return_thoughts else logits
+    return jnp.concatenate([pre.logits, jnp.swapaxes(logits_nxBxV, 0, 1), rest.logits], axis=1)
 
 
 def token_loss(logits_BxTxV, labels_BxT):

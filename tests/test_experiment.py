@@ -1,6 +1,4 @@
 """YAML configs: every shipped config loads and builds its method; overrides; unknown keys are errors."""
-import pathlib
-
 import pytest
 
 from latent_jax.experiment import REPO_CONFIGS, build, format_table, load_config

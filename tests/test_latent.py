@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from latent_jax.latent import latent_forward, loss_fn, token_loss
+from latent_jax.latent import loss_fn, token_loss
 from latent_jax.methods.base import IGNORE, Example, collate
 from latent_jax.models import embed_tokens, forward, init_model
 from latent_jax.testing import tiny_config

@@ -16,7 +16,7 @@ def build_method(name: str, tokenizer: Tokenizer, **options: Any):
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid: {METHODS}")
     cls, cfg_cls = (Pause, PauseConfig) if name == "pause" else (Coconut, CoconutConfig)
-    fields = set(cfg_cls.__dataclass_fields__) - {"variant", "VARIANTS"}
+    fields = set(cfg_cls.__dataclass_fields__) - {"variant"}
     unknown = sorted(set(options) - fields)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {name!r}; valid: {sorted(fields)}")
