@@ -72,6 +72,11 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return out["params"], (out["opt_state"] if abstract_opt_state is not None else None)
 
+    def restore_iterator(self, step: int | None, data_iter: grain.DatasetIterator) -> None:
+        """Set `data_iter`'s state to the one saved at `step` (in place)."""
+        self.manager.restore(self._step(step),
+                             args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+
     def wait(self) -> None:
         """Block until every pending async save is committed."""
         self.manager.wait_until_finished()

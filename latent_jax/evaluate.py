@@ -67,11 +67,12 @@ def evaluate(method, records: Sequence[dict[str, Any]], graphdef, params, stage:
     tok = method.tok
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     correct, gen_tokens, shown = 0, [], []
+    gen = getattr(method, "generate", None) or generate_prompts  # methods with their own decoding (LT, Soft Thinking)
     start = time.perf_counter()
     for lo in tqdm(range(0, len(records), batch_size), desc=f"eval {method.name}", disable=not progress,
                    leave=False):
         chunk = records[lo:lo + batch_size]
-        outs = generate_prompts(graphdef, params, [method.prompt(r, stage) for r in chunk], sampling,
+        outs = gen(graphdef, params, [method.prompt(r, stage) for r in chunk], sampling,
                                 eos_id=tok.eos_id, pad_id=tok.pad_id if tok.pad_id is not None else tok.eos_id,
                                 batch_size=batch_size)
         for r, o in zip(chunk, outs):

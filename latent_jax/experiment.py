@@ -66,6 +66,9 @@ def load_config(path_or_name: str | None, overrides: list[str] = ()) -> dict[str
             cfg[k].update(v)
         else:
             cfg[k] = v
+    from latent_jax.methods import method_config
+
+    method_config(cfg["method"].get("name", "coconut"), **{k: v for k, v in cfg["method"].items() if k != "name"})
     cfg["name"] = cfg["name"] or (pathlib.Path(path_or_name).stem if path_or_name else "run")
     cfg["output_dir"] = cfg["output_dir"] or f"runs/{cfg['name']}"
     return cfg
@@ -144,6 +147,8 @@ def run_train(cfg: dict, progress: bool = True) -> dict:
         return evaluate(method, valid_records, g, p, stage, batch_size=ev["batch_size"],
                         max_new_tokens=ev["max_new_tokens"], progress=False)
 
+    if hasattr(method, "prepare_data"):  # e.g. Token Assorted fits its VQ-VAE on the training CoTs
+        method.prepare_data(train_records, out)
     result = train(method, train_records, graphdef, params, tcfg, eval_fn=eval_fn)
     best = result.best_params if result.best_params is not None else result.params
     stage = final_stage(method, cfg)

@@ -137,15 +137,18 @@ def make_optimizer(weight_decay: float, grad_clip: float | None) -> optax.Gradie
 
 
 @functools.lru_cache(maxsize=8)
-def make_steps(graphdef, weight_decay: float, grad_clip: float | None) -> tuple[Any, Callable, Callable]:
-    """(optimizer, micro_step, apply_step), the steps jitted (cached per model graph and optimizer); graphdef is closed over (static).
+def make_steps(graphdef, weight_decay: float, grad_clip: float | None,
+               loss: Callable = loss_fn) -> tuple[Any, Callable, Callable]:
+    """(optimizer, micro_step, apply_step), the steps jitted (cached per model graph, optimizer and loss function:
+    `loss(params, graphdef, batch, prefix_len, n_latent) -> (loss, aux)`, default the latent loop's);
+    graphdef is closed over (static).
     micro_step(params, acc, batch, prefix_len, n_latent) adds d(sum of token losses)/d(params) to acc (donated);
     apply_step(params, opt_state, acc, n_tokens, lr) applies AdamW to acc / n_tokens (params, state donated)."""
     tx = make_optimizer(weight_decay, grad_clip)
 
     def micro(params, acc, batch, prefix_len: int, n_latent: int):
         def summed(p):
-            _, aux = loss_fn(p, graphdef, batch, prefix_len, n_latent)
+            _, aux = loss(p, graphdef, batch, prefix_len, n_latent)
             return aux["loss_sum"], aux
 
         (_, aux), grads = jax.value_and_grad(summed, has_aux=True)(params)
@@ -182,7 +185,14 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
     pc, main = jax.process_count(), jax.process_index() == 0
     n_micro = micro_batches_per_epoch(len(train_records), cfg.batch_size)
     total_steps = cfg.epochs * -(-n_micro // cfg.grad_accum)
-    tx, micro_step, apply_step = make_steps(graphdef, cfg.weight_decay, cfg.grad_clip)
+    steps_per_epoch = -(-n_micro // cfg.grad_accum)
+    loss_for = getattr(method, "loss_for_stage", lambda stage: loss_fn)
+    tx, _, apply_step = make_steps(graphdef, cfg.weight_decay, cfg.grad_clip)
+    schedule = getattr(method, "schedule", None)
+
+    def stage_at(epoch: int, micro: int) -> int:  # the stage of micro-batch `micro` of `epoch`
+        return schedule(epoch, micro // cfg.grad_accum, steps_per_epoch) if schedule else cfg.stage(epoch)
+
     place = Placement(cfg.batch_size * pc)
     params = place.tree(params)
     opt_state = place.tree(tx.init(params))
@@ -197,7 +207,7 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
     bar = tqdm(total=total_steps, disable=not (main and cfg.progress), desc="train", dynamic_ncols=True)
     try:  # from here on, pending checkpoints are committed and closed whatever happens
         step, epoch, micro, history = 0, 0, 0, []
-        best_acc, best_params, epoch_loss, epoch_tokens = None, None, 0.0, 0
+        best_acc, best_params, epoch_loss, epoch_tokens, last_stage = None, None, 0.0, 0, None
         restored = ckpt.latest_step() if ckpt else None
         if restored is not None:
             if not resume:
@@ -207,6 +217,10 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
             check_compatible(meta, model_cfg.to_dict(), trajectory, ckpt.directory / str(restored))
             step, epoch, micro, history = meta["step"], meta["epoch"], meta["micro"], meta["history"]
             best_acc, epoch_loss, epoch_tokens = meta["best_accuracy"], meta["epoch_loss"], meta["epoch_tokens"]
+            last_stage = meta.get("last_stage")
+            if meta.get("method_state") is not None and hasattr(method, "set_state"):
+                method.set_state(meta["method_state"])
+            params, opt_state = ckpt.restore(restored, abstract_like(params), abstract_like(opt_state))
         if best_ckpt is not None:
             for s in best_ckpt.all_steps():  # a "best" newer than the resumed step will be recomputed
                 if s > step or restored is None:
@@ -217,24 +231,31 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
         bar.update(step)
 
         def save(data_iter) -> None:
-            meta = dict(step=step, epoch=epoch, micro=micro, stage=cfg.stage(epoch), history=history,
+            meta = dict(step=step, epoch=epoch, micro=micro, stage=stage_at(epoch, micro), last_stage=last_stage,
+                        method_state=method.get_state() if hasattr(method, "get_state") else None, history=history,
                         best_accuracy=best_acc, epoch_loss=epoch_loss, epoch_tokens=epoch_tokens, seed=cfg.seed,
                         model_config=model_cfg.to_dict(), train_config=trajectory, train_config_full=cfg.to_dict())
             ckpt.save(step, params, meta, opt_state, data_iter)
 
         while epoch < cfg.epochs:
-            stage = cfg.stage(epoch)
-            it = epoch_iterator(epoch_dataset(method, train_records, epoch=epoch, stage=stage, seed=cfg.seed,
-                                              batch_size=cfg.batch_size, uniform_prob=cfg.uniform_prob,
-                                              bucket=cfg.bucket, max_len=max_len))
-            if restored is not None:  # first epoch after a resume: restore state (and the iterator mid-epoch)
-                abstract = (abstract_like(params), abstract_like(opt_state))
-                params, opt_state = ckpt.restore(restored, *abstract, data_iter=it if micro else None)
+            if micro == 0 and stage_at(epoch, 0) != last_stage and hasattr(method, "on_stage_start"):
+                method.on_stage_start(stage_at(epoch, 0), graphdef, params, train_records)  # e.g. rebuild data
+            it = epoch_iterator(epoch_dataset(method, train_records, epoch=epoch, stage=cfg.stage(epoch),
+                                              seed=cfg.seed, batch_size=cfg.batch_size,
+                                              uniform_prob=cfg.uniform_prob, bucket=cfg.bucket, max_len=max_len,
+                                              stage_fn=lambda m, e=epoch: stage_at(e, m)))
+            if restored is not None:  # first epoch after a resume: the iterator continues mid-epoch
+                if micro:
+                    ckpt.restore_iterator(restored, it)
                 restored = None
-            if micro == 0 and cfg.resets_at(epoch):
+            if micro == 0 and epoch > 0 and cfg.reset_optimizer == "epoch":
                 opt_state = place.tree(tx.init(params))
             while micro < n_micro:
-                t0, stats = time.perf_counter(), []
+                t0, stats, stage = time.perf_counter(), [], stage_at(epoch, micro)
+                if last_stage is not None and stage != last_stage and cfg.reset_optimizer == "stage":
+                    opt_state = place.tree(tx.init(params))  # the stage (curriculum / removal count) changed
+                last_stage = stage
+                micro_step = make_steps(graphdef, cfg.weight_decay, cfg.grad_clip, loss_for(stage))[1]
                 for _ in range(min(cfg.grad_accum, n_micro - micro)):
                     b = same_layout_across_hosts(next(it))
                     acc, s = micro_step(params, acc, place.batch(b), b.prefix_len, b.n_latent)
@@ -280,8 +301,6 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
             epoch, micro, epoch_loss, epoch_tokens = epoch + 1, 0, 0.0, 0
             if ckpt:
                 save(None)
-        if restored is not None:  # the run had already finished: just load its final state
-            params, opt_state = ckpt.restore(restored, abstract_like(params), abstract_like(opt_state))
     finally:
         bar.close()
         for c in (ckpt, best_ckpt):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import jax
@@ -64,25 +64,31 @@ def micro_batches_per_epoch(n_records: int, batch_size: int, process_count: int 
 
 def epoch_dataset(method: Method, records: Sequence[dict[str, Any]], *, epoch: int, stage: int, seed: int,
                   batch_size: int, uniform_prob: float = 0.0, bucket: int = 32, max_len: int | None = None,
-                  process_index: int | None = None, process_count: int | None = None) -> grain.MapDataset:
-    """The micro-batches (`Batch`) of one epoch for this host, as a random-access grain `MapDataset`."""
+                  process_index: int | None = None, process_count: int | None = None,
+                  stage_fn: Callable[[int], int] | None = None) -> grain.MapDataset:
+    """The micro-batches (`Batch`) of one epoch for this host, as a random-access grain `MapDataset`.
+    `stage_fn(micro)` gives the stage of the epoch's micro-batch `micro` (default: `stage` for all). The method's
+    optional `example_stage` / `collate` hooks replace the defaults of this module / `methods.base`."""
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     usable = len(records) - len(records) % pc
     if usable == 0:
         raise ValueError(f"{len(records)} training records cannot be split over {pc} processes")
     pad = pad_id_of(method)
+    ex_stage = getattr(method, "example_stage", example_stage)
+    collate_ = getattr(method, "collate", collate)
 
-    def encode(item: tuple[int, dict[str, Any]]) -> Example:
-        index, record = item
-        return method.encode(record, example_stage(record, index, epoch, stage, seed, uniform_prob))
+    def encode(item: tuple[int, tuple[int, dict[str, Any]]]) -> Example:
+        position, (index, record) = item
+        base = stage if stage_fn is None else stage_fn(position // batch_size)
+        return method.encode(record, ex_stage(record, index, epoch, base, seed, uniform_prob))
 
     def collate_fn(examples: Sequence[Example]) -> Batch:
-        return collate(examples, pad, bucket=bucket, max_len=max_len, batch_size=batch_size)
+        return collate_(examples, pad, bucket=bucket, max_len=max_len, batch_size=batch_size)
 
     epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
     ds = grain.MapDataset.source(list(records)).map_with_index(lambda i, r: (i, r))
-    ds = ds.shuffle(seed=epoch_seed)[:usable][pi::pc]
+    ds = ds.shuffle(seed=epoch_seed)[:usable][pi::pc].map_with_index(lambda p, item: (p, item))
     return ds.map(encode).batch(batch_size, drop_remainder=False, batch_fn=collate_fn)
 
 
@@ -102,7 +108,8 @@ def pad_batch(batch: Batch, prefix_len: int, n_latent: int, length: int) -> Batc
     pad_tok = int(batch.tokens[~batch.mask][0]) if (~batch.mask).any() else 0
     return Batch(np.pad(batch.tokens, widths, constant_values=pad_tok), np.pad(batch.mask, widths),
                  np.pad(batch.labels, widths, constant_values=IGNORE), np.pad(batch.latent, widths),
-                 prefix_len, n_latent)
+                 prefix_len, n_latent, {k: np.pad(a, widths + ((0, 0),) * (a.ndim - 2)) if a.ndim >= 2 and
+                                        a.shape[1] == T else a for k, a in batch.extra.items()})
 
 
 def same_layout_across_hosts(batch: Batch) -> Batch:

@@ -1,6 +1,12 @@
-"""Methods behind one interface (`methods.base.Method`). `build_method(name, tokenizer, **options)`."""
+"""Methods behind one interface (`methods.base.Method`). `build_method(name, tokenizer, **options)`.
+
+Each method is a class `Cls(tokenizer, cfg)` with a frozen config dataclass whose `__post_init__` rejects impossible
+values; the registry below maps a method name to (module, class, config class, fixed config fields). Modules are
+imported lazily, so a method's dependencies load only when it is used.
+"""
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from latent_jax.methods.base import IGNORE, Batch, Example, Method, Prompt, collate
@@ -8,20 +14,43 @@ from latent_jax.methods.coconut import Coconut, CoconutConfig
 from latent_jax.methods.pause import Pause, PauseConfig
 from latent_jax.tokenizer import Tokenizer
 
-METHODS = ("coconut", "cot", "no_cot", "no_curriculum", "no_thought", "pause_as_thought", "pause")
+_COCONUT = ("coconut", "Coconut", "CoconutConfig")
+REGISTRY: dict[str, tuple[str, str, str, dict[str, Any]]] = {
+    **{v: (*_COCONUT, {"variant": v}) for v in CoconutConfig.VARIANTS},
+    "pause": ("pause", "Pause", "PauseConfig", {}),
+    "icot_si": ("icot", "ICoTSI", "ICoTSIConfig", {}),
+    "lt_tuning": ("lt_tuning", "LTTuning", "LTTuningConfig", {}),
+    "token_assorted": ("token_assorted", "TokenAssorted", "TokenAssortedConfig", {}),
+    "soft_thinking": ("soft_thinking", "SoftThinking", "SoftThinkingConfig", {}),
+}
+METHODS = tuple(REGISTRY)
+
+
+def _classes(name: str):
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; valid: {METHODS}")
+    module, cls, cfg_cls, fixed = REGISTRY[name]
+    mod = importlib.import_module(f"latent_jax.methods.{module}")
+    return getattr(mod, cls), getattr(mod, cfg_cls), fixed
+
+
+def method_config(name: str, **options: Any):
+    """The validated config dataclass of method `name`. Unknown options or impossible values -> ValueError."""
+    _, cfg_cls, fixed = _classes(name)
+    fields = set(cfg_cls.__dataclass_fields__) - set(fixed)
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {name!r}; valid: {sorted(fields)}")
+    try:
+        return cfg_cls(**fixed, **options)
+    except TypeError as e:  # e.g. a list where a number is expected
+        raise ValueError(f"bad options for method {name!r}: {e}") from None
 
 
 def build_method(name: str, tokenizer: Tokenizer, **options: Any):
     """Build a method; its special tokens are added to `tokenizer`. Unknown names/options -> ValueError."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; valid: {METHODS}")
-    cls, cfg_cls = (Pause, PauseConfig) if name == "pause" else (Coconut, CoconutConfig)
-    fields = set(cfg_cls.__dataclass_fields__) - {"variant"}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {name!r}; valid: {sorted(fields)}")
-    cfg = cfg_cls(**options) if name == "pause" else cfg_cls(variant=name, **options)
-    return cls(tokenizer, cfg)
+    cls, _, _ = _classes(name)
+    return cls(tokenizer, method_config(name, **options))
 
 
 def prepare_model(method, model_cfg, graphdef, params):
@@ -35,4 +64,4 @@ def prepare_model(method, model_cfg, graphdef, params):
 
 
 __all__ = ["IGNORE", "Batch", "Example", "Method", "Prompt", "collate", "Coconut", "CoconutConfig", "Pause",
-           "PauseConfig", "METHODS", "build_method", "prepare_model"]
+           "PauseConfig", "METHODS", "REGISTRY", "build_method", "method_config", "prepare_model"]

@@ -42,9 +42,10 @@ class Batch:
     latent: np.ndarray  # bool
     prefix_len: int
     n_latent: int
+    extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # method-specific arrays [B, ...]
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"tokens": self.tokens, "mask": self.mask, "labels": self.labels, "latent": self.latent}
+        return {"tokens": self.tokens, "mask": self.mask, "labels": self.labels, "latent": self.latent, **self.extra}
 
     @property
     def num_tokens(self) -> int:
@@ -99,7 +100,28 @@ class Prompt:
 
 
 class Method(Protocol):
-    """A latent-reasoning method: data layout per curriculum stage + generation prompt."""
+    """A latent-reasoning method: data layout per curriculum stage + generation prompt.
+
+    Required: `name`, `tok` (its Tokenizer), `special_tokens`, `num_stages`, `encode`, `prompt`, `init_token_id`.
+    Optional hooks (looked up with getattr; the default in brackets):
+
+      schedule(epoch, step, steps_per_epoch) -> int      stage of optimizer step `step` (0-based, within the
+                                                          epoch) [TrainConfig.stage(epoch): the Coconut curriculum]
+      example_stage(record, index, epoch, stage, seed, uniform_prob) -> int
+                                                          per-example stage, deterministic in its arguments
+                                                          [data.pipeline.example_stage: uniform_prob mixing]
+      collate(examples, pad_id, bucket, max_len, batch_size) -> Batch            [methods.base.collate]
+      loss_for_stage(stage) -> loss_fn(params, graphdef, batch, prefix_len, n_latent) -> (loss, aux)
+                                                          pure; aux has loss_sum, n_tokens, n_correct; the same
+                                                          (hashable) object for the same stage: the jitted train
+                                                          step is cached on it             [latent.loss_fn]
+      on_stage_start(stage, graphdef, params, records)    before the first epoch of a new stage (rebuild data
+                                                          from the current model, ...)     [nothing]
+      get_state() -> JSON / set_state(state)              method state saved in / restored from checkpoints
+      prepare_data(train_records, output_dir)             once before training (fit a tokenizer of latents, ...)
+      generate(graphdef, params, prompts, sampling, eos_id, pad_id, batch_size) -> list[list[int]]
+                                                          evaluation decoding          [evaluate.generate_prompts]
+    """
 
     name: str
     special_tokens: tuple[str, ...]
