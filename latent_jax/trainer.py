@@ -22,15 +22,19 @@ import optax
 from tqdm.auto import tqdm
 
 from latent_jax.checkpoint import Checkpointer, MetricsLog, abstract_like, check_compatible
+from latent_jax.config import REMAT
 from latent_jax.data.pipeline import (Placement, epoch_dataset, epoch_iterator, fingerprint,
                                       micro_batches_per_epoch, same_layout_across_hosts, scheduled_stage)
 from latent_jax.latent import loss_fn
 from latent_jax.models import get_config
+from latent_jax.models.transformer import with_remat
+from latent_jax.sharding import MeshConfig, jit_sharded
 
 log = logging.getLogger(__name__)
 SCHEDULES, RESETS = ("constant", "cosine", "linear"), ("stage", "epoch", "never")
 # Fields that may change when a run is resumed (they do not change the training trajectory).
-RESUMABLE = ("log_every", "checkpoint_every_steps", "keep_checkpoints", "output_dir", "eval_every_epoch", "progress")
+RESUMABLE = ("log_every", "checkpoint_every_steps", "keep_checkpoints", "output_dir", "eval_every_epoch", "progress",
+             "mesh", "remat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +63,16 @@ class TrainConfig:
     output_dir: str | None = None
     eval_every_epoch: bool = True
     progress: bool = True
+    mesh: dict | None = None  # MeshConfig keys (latent_jax.sharding), e.g. {ici_fsdp: -1}; None: data parallel
+    remat: str | None = None  # "none" | "full" | "dots": overrides the model config's remat; None keeps it
 
     def __post_init__(self):
         if self.output_dir is not None:
             object.__setattr__(self, "output_dir", str(self.output_dir))
+        if self.mesh is not None:
+            MeshConfig.from_dict(dict(self.mesh))  # unknown keys / bad sizes fail here
+        if self.remat is not None and self.remat not in REMAT:
+            raise ValueError(f"TrainConfig.remat={self.remat!r} is invalid: must be None or one of {REMAT}")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if f.type.startswith("float") and isinstance(v, (int, str)) and not isinstance(v, bool):
@@ -103,11 +113,6 @@ class TrainConfig:
         """The scheduled curriculum stage of `epoch`."""
         return scheduled_stage(epoch, self.epochs_per_stage, self.max_latent_stage)
 
-    def resets_at(self, epoch: int) -> bool:
-        """Whether the optimizer state is re-initialised at the start of `epoch` (> 0)."""
-        return epoch > 0 and (self.reset_optimizer == "epoch" or
-                              (self.reset_optimizer == "stage" and self.stage(epoch) != self.stage(epoch - 1)))
-
     def lr_at(self, step: int, total_steps: int) -> float:
         """Learning rate of optimizer step `step` (0-based): linear warmup, then constant / cosine / linear to 0."""
         if step < self.warmup_steps:
@@ -137,18 +142,23 @@ def make_optimizer(weight_decay: float, grad_clip: float | None) -> optax.Gradie
 
 
 @functools.lru_cache(maxsize=8)
-def make_steps(graphdef, weight_decay: float, grad_clip: float | None,
-               loss: Callable = loss_fn) -> tuple[Any, Callable, Callable]:
+def make_steps(graphdef, weight_decay: float, grad_clip: float | None, loss: Callable = loss_fn,
+               mesh: Any = None, remat: str | None = None) -> tuple[Any, Callable, Callable]:
     """(optimizer, micro_step, apply_step), the steps jitted (cached per model graph, optimizer and loss function:
     `loss(params, graphdef, batch, prefix_len, n_latent) -> (loss, aux)`, default the latent loop's);
     graphdef is closed over (static).
     micro_step(params, acc, batch, prefix_len, n_latent) adds d(sum of token losses)/d(params) to acc (donated);
-    apply_step(params, opt_state, acc, n_tokens, lr) applies AdamW to acc / n_tokens (params, state donated)."""
+    apply_step(params, opt_state, acc, n_tokens, lr) applies AdamW to acc / n_tokens (params, state donated).
+    mesh (a `jax.sharding.Mesh` of `latent_jax.sharding.make_mesh`): in/out shardings by the logical-axis rules
+    (params, opt_state, acc) and the batch over (data, fsdp), traced with the mesh active. remat: overrides the
+    model config's `remat` ("none" | "full" | "dots")."""
     tx = make_optimizer(weight_decay, grad_clip)
 
     def micro(params, acc, batch, prefix_len: int, n_latent: int):
+        g = graphdef if remat is None else with_remat(graphdef, params, remat)
+
         def summed(p):
-            _, aux = loss(p, graphdef, batch, prefix_len, n_latent)
+            _, aux = loss(p, g, batch, prefix_len, n_latent)
             return aux["loss_sum"], aux
 
         (_, aux), grads = jax.value_and_grad(summed, has_aux=True)(params)
@@ -164,6 +174,11 @@ def make_steps(graphdef, weight_decay: float, grad_clip: float | None,
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         return keep(new_params, params), keep(new_opt, opt_state), jax.tree.map(jnp.zeros_like, acc), gnorm
 
+    if mesh is not None:
+        return (tx, jit_sharded(micro, mesh, ("tree", "tree", "batch"), (1, "replicated"),
+                                static_argnames=("prefix_len", "n_latent"), donate_argnums=(1,)),
+                jit_sharded(apply, mesh, ("tree", "tree", "tree", None, None), (0, 1, 2, "replicated"),
+                            donate_argnums=(0, 1, 2)))
     return (tx, jax.jit(micro, static_argnames=("prefix_len", "n_latent"), donate_argnames=("acc",)),
             jax.jit(apply, donate_argnames=("params", "opt_state", "acc")))
 
@@ -187,13 +202,13 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
     total_steps = cfg.epochs * -(-n_micro // cfg.grad_accum)
     steps_per_epoch = -(-n_micro // cfg.grad_accum)
     loss_for = getattr(method, "loss_for_stage", lambda stage: loss_fn)
-    tx, _, apply_step = make_steps(graphdef, cfg.weight_decay, cfg.grad_clip)
+    place = Placement(cfg.batch_size * pc, cfg.mesh)
+    tx, _, apply_step = make_steps(graphdef, cfg.weight_decay, cfg.grad_clip, mesh=place.mesh, remat=cfg.remat)
     schedule = getattr(method, "schedule", None)
 
     def stage_at(epoch: int, micro: int) -> int:  # the stage of micro-batch `micro` of `epoch`
         return schedule(epoch, micro // cfg.grad_accum, steps_per_epoch) if schedule else cfg.stage(epoch)
 
-    place = Placement(cfg.batch_size * pc)
     params = place.tree(params)
     opt_state = place.tree(tx.init(params))
     acc = place.tree(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
@@ -255,7 +270,8 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
                 if last_stage is not None and stage != last_stage and cfg.reset_optimizer == "stage":
                     opt_state = place.tree(tx.init(params))  # the stage (curriculum / removal count) changed
                 last_stage = stage
-                micro_step = make_steps(graphdef, cfg.weight_decay, cfg.grad_clip, loss_for(stage))[1]
+                micro_step = make_steps(graphdef, cfg.weight_decay, cfg.grad_clip, loss_for(stage), mesh=place.mesh,
+                                        remat=cfg.remat)[1]
                 for _ in range(min(cfg.grad_accum, n_micro - micro)):
                     b = same_layout_across_hosts(next(it))
                     acc, s = micro_step(params, acc, place.batch(b), b.prefix_len, b.n_latent)

@@ -87,9 +87,6 @@ def test_stage_schedule_and_lr():
     cfg = TrainConfig(epochs=10, epochs_per_stage=2, max_latent_stage=2)
     assert [cfg.stage(e) for e in range(10)] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3] == \
         [scheduled_stage(e, 2, 2) for e in range(10)]
-    assert [cfg.resets_at(e) for e in range(5)] == [False, False, True, False, True]
-    assert [TrainConfig(reset_optimizer="epoch").resets_at(e) for e in range(3)] == [False, True, True]
-    assert not any(TrainConfig(reset_optimizer="never").resets_at(e) for e in range(3))
     c = TrainConfig(lr=1.0, warmup_steps=2, schedule="cosine")
     assert [round(c.lr_at(s, 12), 6) for s in (0, 1, 2, 7, 12)] == [0.5, 1.0, 1.0, 0.5, 0.0]
     assert TrainConfig(lr=1.0, schedule="linear").lr_at(5, 10) == 0.5 and TrainConfig(lr=2.0).lr_at(99, 10) == 2.0
@@ -207,3 +204,51 @@ def test_nan_stops_and_keeps_last_good_checkpoint(model, tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored))
     assert ck.restore_meta(last)["step"] == last
     ck.close()
+
+
+class HookMethod(ToyMethod):
+    """Uses the optional Method hooks: a per-step schedule, per-stage loss, on_stage_start and checkpointed state."""
+
+    def __init__(self):
+        super().__init__(max_latent_stage=3)
+        self.started, self.loss_stages, self.restored = [], [], None
+
+    def schedule(self, epoch, step, steps_per_epoch):  # the stage grows every 2 optimizer steps
+        return (epoch * steps_per_epoch + step) // 2
+
+    def loss_for_stage(self, stage):
+        self.loss_stages.append(stage)
+        return loss_fn
+
+    def on_stage_start(self, stage, graphdef, params, records):
+        assert len(records) == 8 and jax.tree.leaves(params)
+        self.started.append(stage)
+
+    def get_state(self):
+        return {"started": self.started}
+
+    def set_state(self, state):
+        self.restored = state
+
+
+@pytest.mark.parametrize("policy,expected_count", [("stage", 2), ("never", 8)])
+def test_method_hooks(model, tmp_path, policy, expected_count):
+    """2 epochs x 4 steps, stages [0 0 1 1 | 2 2 3 3]: the optimizer restarts at each change (steps 3, 5, 7), the
+    batches are encoded at their step's stage, on_stage_start runs before epochs that begin a new stage, and the
+    method state is saved in checkpoints and handed back on resume."""
+    graphdef, params = model
+    m, seen = HookMethod(), []
+    cfg = quiet(epochs=2, batch_size=2, reset_optimizer=policy, output_dir=str(tmp_path))
+    r = train(m, toy_records(8), graphdef, params, cfg, on_step=lambda rec: seen.append(rec["stage"]))
+    assert seen == [0, 0, 1, 1, 2, 2, 3, 3] == m.loss_stages
+    assert int(r.opt_state[0].count) == expected_count and m.started == [0, 2]
+    m2 = HookMethod()
+    r2 = train(m2, toy_records(8), graphdef, params, cfg)  # finished run: restores the final state
+    assert m2.restored == {"started": [0, 2]} and m2.started == [] and r2.step == 8
+
+
+def test_schedule_sets_the_stage_of_each_batch():
+    m = HookMethod()
+    ds = epoch_dataset(m, toy_records(8, n_steps=4), epoch=1, stage=0, seed=0, batch_size=2, bucket=16,
+                       stage_fn=lambda micro: m.schedule(1, micro, 4))
+    assert [b.n_latent for b in ds] == [2, 2, 3, 3]  # ToyMethod: stage k -> k latent slots

@@ -115,8 +115,8 @@ class Method(Protocol):
                                                           pure; aux has loss_sum, n_tokens, n_correct; the same
                                                           (hashable) object for the same stage: the jitted train
                                                           step is cached on it             [latent.loss_fn]
-      on_stage_start(stage, graphdef, params, records)    before the first epoch of a new stage (rebuild data
-                                                          from the current model, ...)     [nothing]
+      on_stage_start(stage, graphdef, params, records)    before an epoch whose first stage differs from the
+                                                          previous step's (rebuild data from the current model)
       get_state() -> JSON / set_state(state)              method state saved in / restored from checkpoints
       prepare_data(train_records, output_dir)             once before training (fit a tokenizer of latents, ...)
       generate(graphdef, params, prompts, sampling, eos_id, pad_id, batch_size) -> list[list[int]]
