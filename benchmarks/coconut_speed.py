@@ -18,10 +18,11 @@ import optax
 
 from latent_jax.config import gpt2_config
 from latent_jax.evaluate import generate_prompts
-from latent_jax.generate import SamplingConfig
+from latent_jax.generate import SamplingConfig, generate_padded
 from latent_jax.latent import loss_fn
 from latent_jax.methods.base import Prompt
 from latent_jax.models import embed_tokens, forward, init_model
+from latent_jax.testing import while_body_copies
 
 
 def timeit(fn, n=3):
@@ -70,8 +71,16 @@ def main():
         run = lambda s: generate_prompts(g, p, prompts, s, eos_id=-1, pad_id=0)  # noqa: E731
         t_short, t_long = timeit(lambda: run(short), 2), timeit(lambda: run(long_), 2)
         per_tok[plen] = (t_long - t_short) / 64
+    copied = {}  # bytes copied inside the compiled decode loop body per step (load-independent)
+    for plen in (64, 512):
+        hlo = generate_padded.lower(g, p, jnp.ones((B, plen), jnp.int32), jnp.ones((B, plen), bool),
+                                    jax.random.PRNGKey(0), sampling=SamplingConfig(max_new_tokens=72), eos_ids=(-1,),
+                                    pad_id=0).compile().as_text()
+        copied[plen] = sum(n for _, n in while_body_copies(hlo))
     print(json.dumps({"bench": "decode_per_token", "batch": B, "prompt64_ms": 1e3 * per_tok[64],
-                      "prompt512_ms": 1e3 * per_tok[512], "ratio_512_vs_64": per_tok[512] / per_tok[64]}), flush=True)
+                      "prompt512_ms": 1e3 * per_tok[512], "ratio_512_vs_64": per_tok[512] / per_tok[64],
+                      "loop_copy_bytes_per_step_prompt64": copied[64], "loop_copy_bytes_per_step_prompt512": copied[512]}),
+          flush=True)
 
     # throughput: batched cached latent generation vs a batch-1 uncached loop (each token a full forward)
     new = 16

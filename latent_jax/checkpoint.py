@@ -23,9 +23,12 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings) of a pytree of arrays: the restore target."""
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+def abstract_like(tree: Any, shardings: Any = None) -> Any:
+    """ShapeDtypeStructs (with shardings) of a pytree of arrays: the restore target. `shardings` (same structure,
+    e.g. `latent_jax.sharding.tree_shardings(mesh, tree)`) restores onto another mesh than the tree's own."""
+    if shardings is None:
+        return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 class Checkpointer:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 FAMILIES = ("gpt2", "llama")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT = ("none", "full", "dots")  # decoder-layer rematerialisation: off, recompute all, save matmuls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,8 @@ class ModelConfig:
     family: "gpt2" (learned positions, LayerNorm, GELU-new, biases, tied head) or
             "llama" (RoPE, RMSNorm, SwiGLU, grouped-query attention).
     dtype: compute dtype ("float32" | "bfloat16"); param_dtype: storage dtype of weights.
+    remat: "none" | "full" (recompute each decoder layer in the backward pass) | "dots" (save the weight matmuls,
+           recompute the rest: `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`).
     Softmax, norms and the loss are always computed in float32.
     """
 
@@ -47,7 +50,7 @@ class ModelConfig:
     mlp_bias: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: str = "none"
     bos_token_id: int | None = None
     eos_token_id: int | None = None
 
@@ -63,6 +66,10 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; valid: {sorted(_DTYPES)}")
+        if isinstance(self.remat, bool):  # older configs: remat=True/False
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT:
+            raise ValueError(f"ModelConfig.remat={self.remat!r}; valid: {REMAT}")
 
     @property
     def compute_dtype(self):

@@ -95,3 +95,22 @@ def check_logits_parity(folder, tokens: np.ndarray, atol: float = 1e-5) -> float
     if not diff <= atol:
         raise AssertionError(f"logits differ from transformers by {diff:.3g} > atol {atol:g} ({folder})")
     return diff
+
+
+def while_body_copies(hlo_text: str) -> list[tuple[str, int]]:
+    """(shape, bytes) of every `copy` op inside the while-loop bodies of a compiled HLO module
+    (`jax.jit(f).lower(...).compile().as_text()`): a decode loop that copies its KV cache shows up here."""
+    import re
+
+    body_names = set(re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo_text))
+    sizes = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
+    out, current = [], None
+    for line in hlo_text.splitlines():
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            current = line.split()[0].lstrip("%")
+        elif current in body_names:
+            m = re.search(r"= (\w+)\[([\d,]*)\]\S* copy\(", line)
+            if m:
+                n = int(np.prod([int(d) for d in m.group(2).split(",") if d])) if m.group(2) else 1
+                out.append((f"{m.group(1)}[{m.group(2)}]", n * sizes.get(m.group(1), 4)))
+    return out

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from latent_jax import sharding
 from latent_jax.methods.base import IGNORE, Batch, Example, Method, collate
 
 
@@ -124,24 +125,43 @@ def same_layout_across_hosts(batch: Batch) -> Batch:
 
 
 class Placement:
-    """Data parallel over all devices when the global micro-batch divides evenly (params replicated, batch split
-    on its first axis), else everything on one device (single process only)."""
+    """Where the trainer's state and batches live.
 
-    def __init__(self, global_batch: int):
+    mesh None: data parallel over all devices when the global micro-batch divides evenly (params replicated, batch
+    split on its first axis), else everything on one device (single process only).
+    mesh (`latent_jax.sharding.MeshConfig` keys, e.g. {"ici_fsdp": -1}): a (data, fsdp, tensor) mesh; params,
+    optimizer state and gradients are sharded by the logical-axis rules, batches over (data, fsdp). `self.mesh` is
+    then that Mesh (None otherwise), for `trainer.make_steps`."""
+
+    def __init__(self, global_batch: int, mesh: Any = None):
+        self.mesh = None
+        if mesh is not None:
+            self.mesh = sharding.make_mesh(sharding.MeshConfig.from_dict(mesh))
+            sharding.check_batch(self.mesh, global_batch)
+            self.replicated = NamedSharding(self.mesh, PartitionSpec())
+            self.data = sharding.batch_sharding(self.mesh)
+            return
         n = jax.device_count()
         if n > 1 and global_batch % n == 0:
-            mesh = Mesh(np.array(jax.devices()), ("data",))
-            self.replicated = NamedSharding(mesh, PartitionSpec())
-            self.data = NamedSharding(mesh, PartitionSpec("data"))
+            dp = Mesh(np.array(jax.devices()), ("data",))
+            self.replicated = NamedSharding(dp, PartitionSpec())
+            self.data = NamedSharding(dp, PartitionSpec("data"))
         elif jax.process_count() > 1:
             raise ValueError(f"batch_size * process_count = {global_batch} must be a multiple of the {n} devices"
                              " in multi-process training")
         else:
             self.replicated = self.data = SingleDeviceSharding(jax.local_devices()[0])
 
+    def shardings(self, tree: Any) -> Any:
+        """The sharding of every leaf of `tree` (same structure) as `tree()` places it."""
+        if self.mesh is not None:
+            return sharding.tree_shardings(self.mesh, tree)
+        return jax.tree.map(lambda _: self.replicated, tree)
+
     def tree(self, tree: Any) -> Any:
         """A copy of `tree` on the devices (never aliases the input: the trainer donates its state)."""
-        return jax.device_put(jax.tree.map(jax.numpy.copy, tree), self.replicated)  # device_put may alias shard 0
+        copy = jax.tree.map(jax.numpy.copy, tree)  # device_put may alias shard 0
+        return sharding.put(copy, self.shardings(copy))
 
     def batch(self, batch: Batch) -> dict[str, jax.Array]:
         if jax.process_count() > 1:

@@ -7,6 +7,7 @@ imported lazily, so a method's dependencies load only when it is used.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 from latent_jax.methods.base import IGNORE, Batch, Example, Method, Prompt, collate
@@ -23,7 +24,8 @@ REGISTRY: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "token_assorted": ("token_assorted", "TokenAssorted", "TokenAssortedConfig", {}),
     "soft_thinking": ("soft_thinking", "SoftThinking", "SoftThinkingConfig", {}),
 }
-METHODS = tuple(REGISTRY)
+# methods whose module is installed (a partial checkout may lack some)
+METHODS = tuple(n for n, (mod, *_) in REGISTRY.items() if importlib.util.find_spec(f"latent_jax.methods.{mod}"))
 
 
 def _classes(name: str):

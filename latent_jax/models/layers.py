@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from latent_jax.config import ModelConfig
+from latent_jax.sharding import constrain
 
 NEG_INF = -1e30  # finite, so fully-masked (padding) rows give no NaNs
 
@@ -96,7 +97,7 @@ class Attention(nnx.Module):
         self.bo = param(rngs, (D,), ("embed",), cfg, init="zeros") if cfg.family == "gpt2" else None
 
     def __call__(self, x_BxTxD, positions_BxT, q_slots_BxT, kv, key_valid_BxS, write_index):
-        """kv: (k_BxSxKxH, v_BxSxKxH) cache to write into at `write_index`, or None (no cache:
+        """kv: (k_RxHxS, v_RxSxH) cache (R = B*K) to write into at `write_index`, or None (no cache:
         keys are the current tokens). q_slots: cache slot of each query, for the causal mask."""
         cfg, dt = self.cfg, x_BxTxD.dtype
         q = jnp.einsum("BTD,DNH->BTNH", x_BxTxD, self.wq[...].astype(dt))
@@ -107,24 +108,33 @@ class Attention(nnx.Module):
         if cfg.family == "llama":
             inv_freq = rope_inv_freq(cfg)
             q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
-        if kv is not None:
-            k_cache, v_cache = kv
-            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, axis=1)
-            new_kv = (k, v)
-        else:
-            new_kv = None
+        q = constrain(q, ("batch", "length", "act_heads", None))
+        k, v = (constrain(a, ("batch", "length", "act_kv_heads", None)) for a in (k, v))
+        # B batch, T queries, S keys, K kv heads, G query heads per kv head (N = K*G), H head dim, D model dim;
+        # R = B*K attention rows. Cache layouts: keys [R, H, S], values [R, S, H], the operand layouts of the two
+        # matmuls with no degenerate dimension even at B = 1: XLA then updates the cache in place and a decode step
+        # copies none of it (tests/test_generate.py checks the compiled loop; BUILD_NOTES "decode time").
         B, T, N, H = q.shape
         K = k.shape[2]
-        q_BxTxKxGxH = q.reshape(B, T, K, N // K, H)
-        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k.astype(dt),
-                            preferred_element_type=jnp.float32) / math.sqrt(H)
-        k_slots_S = jnp.arange(k.shape[1])
-        allowed_BxTxS = (k_slots_S[None, None, :] <= q_slots_BxT[:, :, None]) & key_valid_BxS[:, None, :]
-        logits = jnp.where(allowed_BxTxS[:, None, None], logits, NEG_INF)
-        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-        out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(dt))
-        out = jnp.einsum("BTNH,NHD->BTD", out_BxTxKxGxH.reshape(B, T, N, H), self.wo[...].astype(dt))
+        k_RxHxT = jnp.transpose(k, (0, 2, 3, 1)).reshape(B * K, H, T)
+        v_RxTxH = jnp.swapaxes(v, 1, 2).reshape(B * K, T, H)
+        if kv is not None:
+            k_cache, v_cache = kv
+            k_RxHxS = jax.lax.dynamic_update_slice_in_dim(k_cache, k_RxHxT.astype(k_cache.dtype), write_index, 2)
+            v_RxSxH = jax.lax.dynamic_update_slice_in_dim(v_cache, v_RxTxH.astype(v_cache.dtype), write_index, 1)
+            new_kv = (k_RxHxS, v_RxSxH)
+        else:
+            k_RxHxS, v_RxSxH, new_kv = k_RxHxT, v_RxTxH, None
+        S = v_RxSxH.shape[1]
+        q_RxGTxH = jnp.transpose((q / math.sqrt(H)).reshape(B, T, K, N // K, H), (0, 2, 3, 1, 4)).reshape(
+            B * K, (N // K) * T, H)
+        logits = jnp.einsum("RQH,RHS->RQS", q_RxGTxH, k_RxHxS.astype(dt), preferred_element_type=jnp.float32)
+        allowed_BxTxS = (jnp.arange(S)[None, None, :] <= q_slots_BxT[:, :, None]) & key_valid_BxS[:, None, :]
+        logits_BxKxGxTxS = jnp.where(allowed_BxTxS[:, None, None], logits.reshape(B, K, N // K, T, S), NEG_INF)
+        probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dt).reshape(B * K, (N // K) * T, S)
+        out_RxGTxH = jnp.einsum("RQS,RSH->RQH", probs, v_RxSxH.astype(dt))  # Q = G*T query rows
+        out_BxTxNH = jnp.transpose(out_RxGTxH.reshape(B, K, N // K, T, H), (0, 3, 1, 2, 4)).reshape(B, T, N * H)
+        out = jnp.einsum("BTE,ED->BTD", out_BxTxNH, self.wo[...].astype(dt).reshape(N * H, -1))  # E = N*H
         if self.bo is not None:
             out = out + self.bo[...].astype(dt)
         return out, new_kv
@@ -152,7 +162,7 @@ class Mlp(nnx.Module):
             y = jnp.einsum(spec, x, w[...].astype(dt))
             return y if b is None else y + b[...].astype(dt)
 
-        h_BxTxF = lin(self.w_in, self.b_in, x_BxTxD, "BTD,DF->BTF")
+        h_BxTxF = constrain(lin(self.w_in, self.b_in, x_BxTxD, "BTD,DF->BTF"), ("batch", "length", "act_mlp"))
         if self.gated:
             h_BxTxF = jax.nn.silu(lin(self.w_gate, self.b_gate, x_BxTxD, "BTD,DF->BTF")) * h_BxTxF
         else:

@@ -13,11 +13,35 @@ from flax import nnx, struct
 
 from latent_jax.config import ModelConfig
 from latent_jax.models.layers import Attention, Mlp, Norm, param
+from latent_jax.sharding import ACT_BTD, constrain
+
+# jax.checkpoint policy per ModelConfig.remat ("none": no remat)
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _call_block(block, *args):
+    return block(*args)
+
+
+def _block_runner(remat: str):
+    """How the layer loop calls a Block: directly, or rematerialised in the backward pass (`jax.checkpoint` of the
+    pure function of the block's state: nothing is mutated, so it also runs inside the latent `lax.scan`)."""
+    if remat == "none":
+        return _call_block
+    policy = REMAT_POLICIES[remat]
+
+    def run(block, *args):
+        block_def, state = nnx.split(block)
+        pure = jax.checkpoint(lambda st, *a: nnx.merge(block_def, st)(*a), policy=policy)
+        return pure(state, *args)
+
+    return run
 
 
 @struct.dataclass
 class KVCache:
-    """k, v: per-layer [B, S, K, H]; mask_BxS: slot holds a real (non-pad) token; index: next slot to write."""
+    """k, v: per-layer keys [B*K, H, S] and values [B*K, S, H] (K kv heads; the
+    attention matmuls' operand layouts, so a decode step updates them in place); mask_BxS: slot holds a real (non-pad) token; index: next slot to write."""
 
     k: tuple
     v: tuple
@@ -31,9 +55,9 @@ class KVCache:
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     dtype = dtype or cfg.compute_dtype
-    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
-    return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+    B, K, S, H = batch, cfg.n_kv_heads, max_len, cfg.head_dim
+    return KVCache(k=tuple(jnp.zeros((B * K, H, S), dtype) for _ in range(cfg.n_layers)),
+                   v=tuple(jnp.zeros((B * K, S, H), dtype) for _ in range(cfg.n_layers)),
                    mask_BxS=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
 
@@ -69,7 +93,7 @@ class Transformer(nnx.Module):
                         else param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg))
 
     def embed_tokens(self, tokens_BxT):
-        return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype)
+        return constrain(jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype), ACT_BTD)
 
     def __call__(self, tokens=None, embeds=None, positions=None, mask=None, cache=None,
                  return_all_hidden=False) -> ModelOutput:
@@ -92,11 +116,14 @@ class Transformer(nnx.Module):
             positions = jnp.maximum(positions, 0)
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
+        x = constrain(x, ACT_BTD)
         all_hidden = [x] if return_all_hidden else None
         new_k, new_v = [], []
+        run_block = _block_runner(getattr(cfg, "remat", "none"))
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = block(x, positions, q_slots, kv, key_valid, write_index)
+            x, kv = run_block(block, x, positions, q_slots, kv, key_valid, write_index)
+            x = constrain(x, ACT_BTD)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
@@ -108,6 +135,7 @@ class Transformer(nnx.Module):
         head = self.embed if self.lm_head is None else self.lm_head
         logits = jnp.einsum("BTD,VD->BTV", hidden, head[...].astype(hidden.dtype),
                             preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "length", "act_vocab"))
         new_cache = None if cache is None else KVCache(
             k=tuple(new_k), v=tuple(new_v), mask_BxS=key_valid, index=write_index + T)
         return ModelOutput(logits, hidden, new_cache, None if all_hidden is None else tuple(all_hidden))
@@ -129,6 +157,15 @@ def forward(graphdef, params, tokens=None, embeds=None, positions=None, mask=Non
     model = nnx.merge(graphdef, params)
     return model(tokens=tokens, embeds=embeds, positions=positions, mask=mask, cache=cache,
                  return_all_hidden=return_all_hidden)
+
+
+def with_remat(graphdef, params, remat: str):
+    """The graphdef of the same model with `cfg.remat` set (params unchanged; usable inside a trace)."""
+    model = nnx.merge(graphdef, params)
+    if model.cfg.remat == remat:
+        return graphdef
+    model.cfg = model.cfg.replace(remat=remat)
+    return nnx.split(model)[0]
 
 
 def embed_tokens(graphdef, params, tokens_BxT):

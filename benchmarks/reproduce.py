@@ -1,0 +1,163 @@
+"""Reproduce the papers' comparison table with latent_jax: every method trained from scratch on generated data with
+the same model and budget, evaluated on the real validation files.
+
+    python benchmarks/reproduce.py --write-configs            # (re)write configs/repro/*.yaml from the table below
+    python benchmarks/reproduce.py [--profile cpu|gpu] [--only prosqa_coconut,mult4_icot_si] [--list]
+
+Each run is `latent-jax train configs/repro/NAME.yaml` in a subprocess (writes runs/repro/NAME/), then its summary
+goes to results/NAME.json (command, seed, model size, epochs, wall time) and the table of every finished run to
+results/README.md and BUILD_NOTES.md (between the `repro-table` markers). Finished runs are skipped; an unfinished
+one resumes from its last orbax checkpoint, so the table can be completed across sessions.
+Profiles: `cpu` = the 2-layer d=128 model of the default job (compact vocabulary); `gpu` = GPT-2 124M shape.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+import yaml
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "repro"
+RESULTS = REPO / "results"
+MARK = "<!-- repro-table -->"
+
+TASKS = {"prosqa": {"max_new_tokens": 64}, "prontoqa": {"max_new_tokens": 64},
+         "mult4": {"max_new_tokens": 96}, "mult5": {"max_new_tokens": 128}}
+QA_METHODS = {
+    "cot": {"name": "cot"},
+    "no_cot": {"name": "no_cot"},
+    "pause": {"name": "pause", "n_pause": 6},
+    "coconut": {"name": "coconut", "c_thought": 1, "max_latent_stage": 6},
+    "no_curriculum": {"name": "no_curriculum", "c_thought": 1, "max_latent_stage": 6},
+    "no_thought": {"name": "no_thought", "max_latent_stage": 6},
+    "pause_as_thought": {"name": "pause_as_thought", "c_thought": 1, "max_latent_stage": 6},
+    "icot_si": {"name": "icot_si"},
+    "lt_tuning": {"name": "lt_tuning"},
+    "token_assorted": {"name": "token_assorted"},
+}
+MULT_METHODS = {k: QA_METHODS[k] for k in ("cot", "no_cot", "icot_si")}
+# One budget for every method of a task (records, epochs, batch, lr); the curriculum of Coconut and its ablations
+# uses epochs_per_stage, iCoT-SI its own removal schedule over the same epochs.
+PROFILES = {
+    "cpu": {"model": {"family": "gpt2", "size": "small", "compact_vocab": True,
+                      "overrides": {"n_layers": 2, "d_model": 128, "n_heads": 4, "n_kv_heads": 4, "head_dim": 32,
+                                    "d_ff": 512, "max_positions": 1024}},
+            "train": {"epochs": 16, "epochs_per_stage": 2, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.01,
+                      "grad_clip": 1.0, "bucket": 64, "seed": 0, "checkpoint_every_steps": 200},
+            "train_n": 2000},
+    "gpu": {"model": {"family": "gpt2", "size": "124m", "compact_vocab": True, "overrides": {"max_positions": 1024}},
+            "train": {"epochs": 50, "epochs_per_stage": 5, "batch_size": 128, "lr": 1e-4, "weight_decay": 0.01,
+                      "grad_clip": 1.0, "bucket": 64, "seed": 0, "checkpoint_every_steps": 500},
+            "train_n": None},
+}
+
+
+def experiments() -> dict[str, tuple[str, dict]]:
+    out = {}
+    for task in TASKS:
+        for m, opts in (MULT_METHODS if task.startswith("mult") else QA_METHODS).items():
+            out[f"{task}_{m}"] = (task, opts)
+    return out
+
+
+def config_for(name: str, profile: str) -> dict:
+    task, method = experiments()[name]
+    prof = PROFILES[profile]
+    return {"name": f"repro_{name}", "output_dir": f"runs/repro/{profile}/{name}", "tokenizer": "gpt2",
+            "model": prof["model"], "method": dict(method),
+            "data": {"task": task, "train_source": "generated", "train_n": prof["train_n"], "seed": 0},
+            "train": dict(prof["train"]),
+            "eval": {"batch_size": 100, "max_new_tokens": TASKS[task]["max_new_tokens"]}}
+
+
+def write_configs() -> None:
+    CONFIGS.mkdir(parents=True, exist_ok=True)
+    for name in experiments():
+        text = f"# benchmarks/reproduce.py --write-configs (profile cpu; --profile gpu overrides the budget)\n"
+        (CONFIGS / f"{name}.yaml").write_text(text + yaml.safe_dump(config_for(name, "cpu"), sort_keys=False))
+
+
+def overrides(cfg: dict, prefix: str = "") -> list[str]:
+    """A config dict as dotted key=value overrides (how the CLI receives the profile)."""
+    out = []
+    for k, v in cfg.items():
+        if isinstance(v, dict) and v and k != "overrides":
+            out += overrides(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}={json.dumps(v)}")
+    return out
+
+
+def run_one(name: str, profile: str) -> dict:
+    cfg = config_for(name, profile)
+    cmd = [sys.executable, "-m", "latent_jax", "train", str(CONFIGS / f"{name}.yaml")]
+    if profile != "cpu":
+        cmd += overrides({k: cfg[k] for k in ("output_dir", "model", "data", "train")})
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=REPO)
+    summary = json.loads((REPO / cfg["output_dir"] / "result.json").read_text())
+    keep = ("method", "task", "accuracy", "mean_generated_tokens", "seconds_per_question", "model_params",
+            "train_records", "valid_records", "epochs", "eval_stage", "history")
+    result = {"name": name, "profile": profile, **{k: summary.get(k) for k in keep},
+              "seed": cfg["train"]["seed"], "command": " ".join(cmd[1:]), "wall_seconds": time.time() - t0}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{profile}_{name}.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def table(profile: str) -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{profile}_*.json"))]
+    head = "| task | method | accuracy | generated tokens | s / question | params | epochs | wall |\n|---|---|---|---|---|---|---|---|"
+    lines = [f"| {r['task']} | {r['method']} | {100 * r['accuracy']:.1f}% | {r['mean_generated_tokens']:.1f} | "
+             f"{r['seconds_per_question']:.4f} | {r['model_params'] / 1e6:.2f}M | {r['epochs']} | "
+             f"{r['wall_seconds'] / 60:.1f} min |" for r in rows]
+    return "\n".join([head, *lines])
+
+
+def publish(profile: str) -> None:
+    t = table(profile)
+    (RESULTS / "README.md").write_text(f"# latent_jax reproduction ({profile} profile)\n\n{t}\n")
+    notes = REPO / "BUILD_NOTES.md"
+    text = notes.read_text()
+    block = f"{MARK}\n{t}\n{MARK}"
+    if text.count(MARK) == 2:
+        a, b = text.index(MARK), text.rindex(MARK) + len(MARK)
+        notes.write_text(text[:a] + block + text[b:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
+    ap.add_argument("--only", default=None, help="comma-separated experiment names (see --list)")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--write-configs", action="store_true")
+    ap.add_argument("--force", action="store_true", help="re-run finished experiments")
+    args = ap.parse_args()
+    if args.write_configs:
+        write_configs()
+        return
+    names = list(experiments()) if args.only is None else args.only.split(",")
+    unknown = sorted(set(names) - set(experiments()))
+    if unknown:
+        raise SystemExit(f"unknown experiment(s) {unknown}; valid: {sorted(experiments())}")
+    if args.list:
+        print("\n".join(names))
+        return
+    for name in names:
+        done = RESULTS / f"{args.profile}_{name}.json"
+        if done.exists() and not args.force:
+            print(f"{name}: done ({done})", flush=True)
+            continue
+        r = run_one(name, args.profile)
+        print(json.dumps({k: r[k] for k in ("name", "accuracy", "wall_seconds")}), flush=True)
+        publish(args.profile)
+    publish(args.profile)
+
+
+if __name__ == "__main__":
+    main()
