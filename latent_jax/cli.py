@@ -5,6 +5,8 @@
     latent-jax train [CONFIG] [key=value ...] [--model PATH_OR_HUB_ID]   (default CONFIG: prosqa_coconut_cpu)
     latent-jax eval CONFIG --model-dir EXPORTED_FOLDER [key=value ...]
     latent-jax export CONFIG [key=value ...] --checkpoint RUN/train/checkpoints --out FOLDER
+    latent-jax vqvae CONFIG [key=value ...] [--out FOLDER]   (token_assorted: train + save its VQ-VAE)
+    latent-jax analyze CONFIG --model-dir EXPORTED_FOLDER [--n 200] [--top-k 10] [--out DIR]   (Coconut thoughts)
     latent-jax data generate|stats|list ...
 """
 from __future__ import annotations
@@ -17,7 +19,8 @@ import time
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latent-jax", description="Latent reasoning for GPT-2 and Llama in JAX.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,export,info,generate,data}")
+    sub = p.add_subparsers(dest="command", required=True,
+                           metavar="{train,eval,export,vqvae,analyze,info,generate,data}")
     t = sub.add_parser("train", help="train + evaluate + export an experiment (YAML config)")
     t.add_argument("config", nargs="?", default="prosqa_coconut_cpu", help="YAML path or name in configs/")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=3")
@@ -32,6 +35,18 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--checkpoint", required=True, help="checkpoint folder ({output_dir}/train/checkpoints)")
     x.add_argument("--step", type=int, default=None, help="default: the latest")
     x.add_argument("--out", required=True, help="output folder")
+    v = sub.add_parser("vqvae", help="train the VQ-VAE of a token_assorted config and save its checkpoint")
+    v.add_argument("config", help="YAML path or name in configs/ (method.name: token_assorted)")
+    v.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method.vqvae.steps=500")
+    v.add_argument("--out", default=None, help="checkpoint folder (default: {output_dir}/vqvae, where train finds it)")
+    a = sub.add_parser("analyze", help="decode a Coconut model's continuous thoughts on ProsQA (+ training curves)")
+    a.add_argument("config", help="the run's YAML config (path or name in configs/)")
+    a.add_argument("overrides", nargs="*")
+    a.add_argument("--model-dir", required=True, help="folder written by `train` ({output_dir}/export)")
+    a.add_argument("--n", type=int, default=200, help="validation records to analyze")
+    a.add_argument("--top-k", type=int, default=10, help="decoded tokens listed per thought")
+    a.add_argument("--batch-size", type=int, default=32)
+    a.add_argument("--out", default=None, help="output folder (default: MODEL_DIR/../analysis)")
     i = sub.add_parser("info", help="print a checkpoint's config and parameter count")
     i.add_argument("--model", required=True, help="HF checkpoint folder (or hub id when online)")
     g = sub.add_parser("generate", help="batched KV-cache generation from a HF checkpoint")
@@ -79,7 +94,10 @@ def _generate(args) -> int:
 
 
 def _train(args) -> int:
+    from latent_jax.distributed import initialize
     from latent_jax.experiment import format_table, load_config, run_train
+
+    initialize()  # multi-host: from the environment (launch/*.sh); a no-op for a single process
 
     overrides = list(args.overrides)
     if "=" in args.config:  # `latent-jax train key=value ...` overrides the default config
@@ -113,6 +131,33 @@ def _export(args) -> int:
     return 0
 
 
+def _vqvae(args) -> int:
+    import pathlib
+
+    from latent_jax.experiment import _records, build, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg["method"].get("name") != "token_assorted":
+        raise ValueError(f"{args.config}: method.name is {cfg['method'].get('name')!r}; the vqvae command needs a"
+                         " token_assorted config")
+    train_records, valid_records = _records(cfg)
+    _, method, _, _, _ = build(cfg, train_records, valid_records)  # the same tokenizer as `train` builds
+    out = pathlib.Path(args.out or pathlib.Path(cfg["output_dir"]) / "vqvae")
+    vq = method.fit_vqvae(train_records, out)
+    print(json.dumps({"vqvae": str(out), **vq.meta["metrics"]}, indent=2))
+    return 0
+
+
+def _analyze(args) -> int:
+    from latent_jax.analysis import run_analysis
+    from latent_jax.experiment import load_config
+
+    res = run_analysis(load_config(args.config, args.overrides), args.model_dir, n=args.n, top_k=args.top_k,
+                       out=args.out, batch_size=args.batch_size)
+    print(json.dumps({"per_thought": res["per_thought"], "files": res["files"]}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "data":
@@ -120,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         return data_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        return {"info": _info, "generate": _generate, "train": _train, "eval": _eval, "export": _export}[args.command](args)
+        return {"info": _info, "generate": _generate, "train": _train, "eval": _eval, "export": _export,
+                "vqvae": _vqvae, "analyze": _analyze}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"latent-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,14 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 REMAT = ("none", "full", "dots")  # decoder-layer rematerialisation: off, recompute all, save matmuls
 
 
+def check_keys(cls, d: dict, what: str) -> None:
+    """ValueError listing the valid fields when `d` has keys that are not fields of dataclass `cls`."""
+    valid = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(d) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; valid: {valid}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama-3.1/3.2 `llama3` rope scaling (HF `rope_scaling` with rope_type='llama3')."""
@@ -88,10 +96,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig keys {unknown}; valid: {sorted(known)}")
+        check_keys(cls, d, "ModelConfig keys")
         if isinstance(d.get("rope_scaling"), dict):
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         return cls(**d)

@@ -24,6 +24,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from latent_jax.config import check_keys
+
 MESH_AXES = ("data", "fsdp", "tensor")
 # logical axis -> mesh axes (in order). Weight axes are those the model declares; act_* are activations.
 RULES: dict[str, tuple[str, ...]] = {
@@ -64,10 +66,7 @@ class MeshConfig:
     def from_dict(cls, d: dict[str, Any] | "MeshConfig" | None) -> "MeshConfig":
         if isinstance(d, MeshConfig):
             return d
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d or {}) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown mesh config key(s) {unknown}; valid: {valid}")
+        check_keys(cls, d or {}, "mesh config key(s)")
         return cls(**(d or {}))
 
     def resolve(self, n_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

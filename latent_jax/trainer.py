@@ -22,7 +22,7 @@ import optax
 from tqdm.auto import tqdm
 
 from latent_jax.checkpoint import Checkpointer, MetricsLog, abstract_like, check_compatible
-from latent_jax.config import REMAT
+from latent_jax.config import REMAT, check_keys
 from latent_jax.data.pipeline import (Placement, epoch_dataset, epoch_iterator, fingerprint,
                                       micro_batches_per_epoch, same_layout_across_hosts, scheduled_stage)
 from latent_jax.latent import loss_fn
@@ -100,10 +100,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         """Build from a dict; unknown keys are an error that lists the valid ones."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown train config key(s) {unknown}; valid: {valid}")
+        check_keys(cls, d, "train config key(s)")
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:

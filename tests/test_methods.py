@@ -1,4 +1,5 @@
 """Method layouts (Coconut, CoT, No-CoT, ablations, Pause), special tokens, latent generation, evaluation."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -89,16 +90,24 @@ def test_special_tokens_added_and_initialised_from_init_token():
     assert m.init_token_id() == 16791  # "<<" in GPT-2
 
 
-def naive_latent_generate(g, p, prompt, n_new):
-    """No cache: thoughts appended one at a time as hidden-state embeddings, then <eot>, then greedy tokens."""
+def naive_latent_generate(g, p, prompt, n_new, width=32):
+    """No cache: thoughts appended one at a time as hidden-state embeddings, then <eot>, then greedy tokens. Every
+    forward runs the whole sequence from scratch, right-padded to `width` (causal attention: the padding after
+    position n-1 cannot change its outputs) so that one jitted full forward serves every step."""
+    full = jax.jit(lambda emb_BxWxD: forward(g, p, embeds=emb_BxWxD))
+
+    def last(emb_1xNxD):
+        n = emb_1xNxD.shape[1]
+        out = full(jnp.pad(emb_1xNxD, ((0, 0), (0, width - n), (0, 0))))
+        return out.hidden[:, n - 1:n], out.logits[0, n - 1]
+
     emb = embed_tokens(g, p, jnp.asarray([prompt.prefix]))
     for _ in range(prompt.n_latent):
-        h = forward(g, p, embeds=emb).hidden[:, -1:]
-        emb = jnp.concatenate([emb, h], axis=1)
+        emb = jnp.concatenate([emb, last(emb)[0]], axis=1)
     emb = jnp.concatenate([emb, embed_tokens(g, p, jnp.asarray([prompt.suffix]))], axis=1)
     out = []
     for _ in range(n_new):
-        t = int(jnp.argmax(forward(g, p, embeds=emb).logits[0, -1]))
+        t = int(jnp.argmax(last(emb)[1]))
         out.append(t)
         emb = jnp.concatenate([emb, embed_tokens(g, p, jnp.asarray([[t]]))], axis=1)
     return out
