@@ -12,6 +12,7 @@ v5p 459, v6e 918 TFLOP/s); on a CPU there is none and MFU is null unless --peak-
     python benchmarks/throughput.py                                            # CPU-sized defaults, ~2 min
     python benchmarks/throughput.py --size 124m --batch 32 --length 512 --dtype bfloat16     # GPU
     python benchmarks/throughput.py --size 124m --batch 32 --length 512 --mesh 1x8x1         # sharded train step
+    python benchmarks/throughput.py --family llama --size 3.2-1b --batch 1 --length 64 --optimizer sgd   # 24 GB CPU
 """
 import argparse
 import contextlib
@@ -21,6 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from latent_jax.config import gpt2_config, llama_config
 from latent_jax.generate import SamplingConfig, generate_padded
@@ -61,6 +63,8 @@ def main(argv=None):
     ap.add_argument("--decode-new", type=int, default=32)
     ap.add_argument("--decode-batches", default="1,32")
     ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
+                    help="sgd: no optimizer state (fits Llama-3.2-1B f32 in 24 GB of host memory; same matmul FLOPs)")
     args = ap.parse_args(argv)
 
     maker = gpt2_config if args.family == "gpt2" else llama_config
@@ -74,7 +78,7 @@ def main(argv=None):
     P = T // 4
     lat_batch = {**batch, "latent": np.zeros((B, T), bool)}
     lat_batch["latent"][:, P:P + n] = True
-    tx = make_optimizer(0.01, 1.0)
+    tx = make_optimizer(0.01, 1.0) if args.optimizer == "adamw" else optax.sgd(1.0)
     opt = tx.init(params)
     mesh = None
     if args.mesh:
@@ -98,7 +102,8 @@ def main(argv=None):
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k.lower() in kind.lower()), None)
     n_dev = len(mesh.devices.flat) if mesh is not None else 1
     out = dict(model=f"{args.family}-{args.size}", params_m=round(cfg.num_params() / 1e6, 2), batch=B, length=T,
-               n_latent=n, dtype=args.dtype, remat=args.remat, mesh=args.mesh, device=kind, n_devices=n_dev,
+               n_latent=n, dtype=args.dtype, remat=args.remat, optimizer=args.optimizer, mesh=args.mesh, device=kind,
+               n_devices=n_dev,
                backend=jax.default_backend(), train_flops_per_token=flops_tok, peak_tflops_per_device=peak)
     for name, (b, pl, nl) in {"plain": (batch, 0, 0), "coconut": (lat_batch, P, n)}.items():
         step = make_step(pl, nl)

@@ -1,0 +1,63 @@
+"""benchmarks/reproduce.py: the configs in configs/repro are current and load; results become the table."""
+import importlib.util
+import json
+import pathlib
+
+import pytest
+import yaml
+
+from latent_jax.experiment import load_config
+from latent_jax.methods import METHODS
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("reproduce", REPO / "benchmarks" / "reproduce.py")
+reproduce = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(reproduce)
+
+
+def test_every_experiment_has_a_current_config_that_loads():
+    names = sorted(reproduce.experiments())
+    assert sorted(p.stem for p in reproduce.CONFIGS.glob("*.yaml")) == names
+    assert {n.rsplit("_", 1)[0] for n in names if n.startswith("mult")} >= {"mult4", "mult5"}
+    used = set()
+    for name in names:
+        path = reproduce.CONFIGS / f"{name}.yaml"
+        assert yaml.safe_load(path.read_text()) == reproduce.config_for(name, "cpu"), f"stale {path}: --write-configs"
+        cfg = load_config(str(path))  # validates the method options too
+        used.add(cfg["method"]["name"])
+    # the paper's table: every QA method runs on both QA tasks with one budget
+    assert used <= set(METHODS) and {"cot", "no_cot", "pause", "coconut", "no_curriculum", "no_thought",
+                                     "pause_as_thought", "icot_si", "lt_tuning"} <= used
+    budgets = {json.dumps(reproduce.config_for(n, "cpu")["train"]) for n in names if n.startswith("prosqa")}
+    assert len(budgets) == 1
+
+
+def test_gpu_profile_overrides_load():
+    cfg = reproduce.config_for("prosqa_coconut", "gpu")
+    over = reproduce.overrides({k: cfg[k] for k in ("output_dir", "model", "data", "train")})
+    loaded = load_config(str(reproduce.CONFIGS / "prosqa_coconut.yaml"), over)
+    assert loaded["train"]["batch_size"] == 128 and loaded["model"]["size"] == "124m"
+    assert loaded["data"]["train_n"] is None and loaded["output_dir"].startswith("runs/repro/gpu/")
+
+
+def test_results_become_the_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(reproduce, "REPO", tmp_path)
+    (tmp_path / "results").mkdir()
+    notes = tmp_path / "BUILD_NOTES.md"
+    notes.write_text(f"intro\n{reproduce.MARK}\nold\n{reproduce.MARK}\noutro\n")
+    for name, acc in (("prosqa_cot", 0.25), ("prosqa_coconut", 0.5)):
+        (tmp_path / "results" / f"cpu_{name}.json").write_text(json.dumps(
+            {"task": "prosqa", "method": name.split("_", 1)[1], "accuracy": acc, "mean_generated_tokens": 12.0,
+             "seconds_per_question": 0.01, "model_params": 2.5e6, "epochs": 7, "wall_seconds": 600}))
+    reproduce.publish("cpu")
+    text = notes.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert "| prosqa | coconut | 50.0% | 12.0 |" in text and "| prosqa | cot | 25.0% |" in text
+    assert (tmp_path / "results" / "README.md").read_text().count("| prosqa |") == 2
+
+
+def test_unknown_experiment_is_refused(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["reproduce.py", "--only", "prosqa_nonsense"])
+    with pytest.raises(SystemExit, match="unknown experiment"):
+        reproduce.main()
