@@ -27,13 +27,13 @@ import json
 import math
 import pathlib
 import sys
-from collections import deque
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latent_jax.data.prosqa import bfs_distances, graph_adjacency
 from latent_jax.models import forward, get_config, init_cache
 
 GRAPH_KEYS = ("idx_to_symbol", "edges", "root", "target")
@@ -47,25 +47,16 @@ def graph_facts(record: dict) -> dict[str, np.ndarray]:
     if missing:
         raise ValueError(f"record has no graph fields {missing} (latent analysis needs ProsQA-style records)")
     n = len(record["idx_to_symbol"])
-    children: list[list[int]] = [[] for _ in range(n)]
-    parents: list[list[int]] = [[] for _ in range(n)]
-    for a, b in record["edges"]:
-        children[a].append(b)
-        parents[b].append(a)
+    children, parents = graph_adjacency(record)
 
-    def bfs(adj, s):
+    def depths(adj, s):
         dist = np.full(n, -1, np.int64)
-        dist[s] = 0
-        q = deque([s])
-        while q:
-            u = q.popleft()
-            for v in adj[u]:
-                if dist[v] < 0:
-                    dist[v] = dist[u] + 1
-                    q.append(v)
+        for v, d in bfs_distances(adj, s).items():
+            dist[v] = d
         return dist
 
-    return {"depth": bfs(children, record["root"]), "value": (bfs(parents, record["target"]) >= 0).astype(np.float64)}
+    reaches_target = depths(parents, record["target"]) >= 0
+    return {"depth": depths(children, record["root"]), "value": reaches_target.astype(np.float64)}
 
 
 def node_token_ids(tok, symbols: Sequence[str]) -> list[list[int]]:

@@ -125,7 +125,19 @@ def _sample_dag(rng: random.Random) -> tuple[int, list[list[int]], list[int]]:
     return n, parents, [0, 1] + extra
 
 
-def _bfs(children: list[list[int]], s: int) -> dict[int, int]:
+def graph_adjacency(record: Record) -> tuple[list[list[int]], list[list[int]]]:
+    """(children, parents) lists of a record's `edges` over its `idx_to_symbol` nodes."""
+    n = len(record["idx_to_symbol"])
+    children: list[list[int]] = [[] for _ in range(n)]
+    parents: list[list[int]] = [[] for _ in range(n)]
+    for a, b in record["edges"]:
+        children[a].append(b)
+        parents[b].append(a)
+    return children, parents
+
+
+def bfs_distances(children: list[list[int]], s: int) -> dict[int, int]:
+    """BFS distance from s of every node reachable from it."""
     dist = {s: 0}
     q = deque([s])
     while q:
@@ -158,7 +170,7 @@ def _try_question(rng: random.Random) -> Record | None:
     for v, ps in enumerate(parents):
         for p in ps:
             children[p].append(v)
-    d0, d1 = _bfs(children, 0), _bfs(children, 1)
+    d0, d1 = bfs_distances(children, 0), bfs_distances(children, 1)
     best: list[tuple[int, float, int]] = []  # (farthest own leaf distance, tie-break, side)
     for side, (dr, do) in enumerate(((d0, d1), (d1, d0))):
         far = max((d for v, d in dr.items() if d > 0 and not children[v] and v not in do), default=0)
@@ -274,12 +286,8 @@ def prosqa_stats(records: list[Record]) -> dict[str, list[float]]:
     for r in records:
         facts, (name, x, _) = parse_prosqa_question(r["question"])
         n = len(r["idx_to_symbol"])
-        children: list[list[int]] = [[] for _ in range(n)]
-        parents: list[list[int]] = [[] for _ in range(n)]
-        for a, b in r["edges"]:
-            children[a].append(b)
-            parents[b].append(a)
-        dist = _bfs(children, r["root"])
+        children, parents = graph_adjacency(r)
+        dist = bfs_distances(children, r["root"])
         count: dict[int, int] = {}
         for v in sorted(dist, key=dist.get):
             count[v] = 1 if dist[v] == 0 else sum(count[p] for p in parents[v] if dist.get(p) == dist[v] - 1)
