@@ -6,16 +6,19 @@ the same model and budget, evaluated on the real validation files.
 
 Each run is `latent-jax train configs/repro/NAME.yaml` in a subprocess (writes runs/repro/NAME/), then its summary
 goes to results/NAME.json (command, seed, model size, epochs, wall time) and the table of every finished run to
-results/README.md and BUILD_NOTES.md (between the `repro-table` markers). Finished runs are skipped; an unfinished
-one resumes from its last orbax checkpoint, so the table can be completed across sessions.
+results/README.md, BUILD_NOTES.md and README.md (between the `repro-table` / `readme-repro-table` markers).
+Finished runs are skipped; an unfinished one resumes from its last orbax checkpoint, so the table can be completed
+across sessions.
 Profiles: `cpu` = the 2-layer d=128 model of the default job (compact vocabulary), 800 generated records, 7 epochs
-(~10-15 min a run on 2 cores); `gpu` = GPT-2 124M shape, the full generated set, 50 epochs, effective batch 128.
+for the QA tasks, 8000 records and 12 epochs for multiplication (~5-15 min a run on 2 cores); `gpu` = GPT-2 124M
+shape, the full generated set, 50 epochs, effective batch 128. `--force` re-runs from scratch.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +29,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "repro"
 RESULTS = REPO / "results"
 MARK = "<!-- repro-table -->"
+README_MARK = "<!-- readme-repro-table -->"
 
 TASKS = {"prosqa": {"max_new_tokens": 64}, "prontoqa": {"max_new_tokens": 64},
          "mult4": {"max_new_tokens": 96}, "mult5": {"max_new_tokens": 128}}
@@ -58,6 +62,15 @@ PROFILES = {
 }
 
 
+# Per-task budget of a profile (still one budget for every method of a task). CPU multiplication: the sequences are
+# ~6x shorter than ProsQA's, so the same ~10 minutes buy 10x the records and epochs; bucket 16 keeps the padding low.
+TASK_BUDGETS = {
+    "cpu": {"mult4": {"train_n": 8000, "train": {"epochs": 12, "bucket": 16}},
+            "mult5": {"train_n": 8000, "train": {"epochs": 12, "bucket": 16}}},
+    "gpu": {},
+}
+
+
 def experiments() -> dict[str, tuple[str, dict]]:
     out = {}
     for task in TASKS:
@@ -69,10 +82,12 @@ def experiments() -> dict[str, tuple[str, dict]]:
 def config_for(name: str, profile: str) -> dict:
     task, method = experiments()[name]
     prof = PROFILES[profile]
+    budget = TASK_BUDGETS[profile].get(task, {})
     return {"name": f"repro_{name}", "output_dir": f"runs/repro/{profile}/{name}", "tokenizer": "gpt2",
             "model": prof["model"], "method": dict(method),
-            "data": {"task": task, "train_source": "generated", "train_n": prof["train_n"], "seed": 0},
-            "train": dict(prof["train"]),
+            "data": {"task": task, "train_source": "generated", "train_n": budget.get("train_n", prof["train_n"]),
+                     "seed": 0},
+            "train": {**prof["train"], **budget.get("train", {})},
             "eval": {"batch_size": 100, "max_new_tokens": TASKS[task]["max_new_tokens"]}}
 
 
@@ -94,8 +109,12 @@ def overrides(cfg: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def run_one(name: str, profile: str) -> dict:
+def run_one(name: str, profile: str, fresh: bool = False) -> dict:
+    """Train + evaluate one experiment in a subprocess; `fresh` deletes its run folder first (otherwise an
+    unfinished run resumes from its checkpoints, and a finished one would only be re-evaluated)."""
     cfg = config_for(name, profile)
+    if fresh:
+        shutil.rmtree(REPO / cfg["output_dir"], ignore_errors=True)
     cmd = [sys.executable, "-m", "latent_jax", "train", str((CONFIGS / f"{name}.yaml").relative_to(REPO))]
     if profile != "cpu":
         cmd += overrides({k: cfg[k] for k in ("output_dir", "model", "data", "train")})
@@ -113,9 +132,11 @@ def run_one(name: str, profile: str) -> dict:
 
 def table(profile: str) -> str:
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{profile}_*.json"))]
-    head = "| task | method | accuracy | generated tokens | s / question | params | epochs | wall |\n|---|---|---|---|---|---|---|---|"
+    head = ("| task | method | accuracy | generated tokens | s / question | params | train records | epochs | wall |\n"
+            "|---|---|---|---|---|---|---|---|---|")
     lines = [f"| {r['task']} | {r['method']} | {100 * r['accuracy']:.1f}% | {r['mean_generated_tokens']:.1f} | "
-             f"{r['seconds_per_question']:.4f} | {r['model_params'] / 1e6:.2f}M | {r['epochs']} | "
+             f"{r['seconds_per_question']:.4f} | {r['model_params'] / 1e6:.2f}M | {r.get('train_records', '?')} | "
+             f"{r['epochs']} | "
              f"{r['wall_seconds'] / 60:.1f} min |" for r in rows]
     return "\n".join([head, *lines])
 
@@ -123,12 +144,11 @@ def table(profile: str) -> str:
 def publish(profile: str) -> None:
     t = table(profile)
     (RESULTS / "README.md").write_text(f"# latent_jax reproduction ({profile} profile)\n\n{t}\n")
-    notes = REPO / "BUILD_NOTES.md"
-    text = notes.read_text()
-    block = f"{MARK}\n{t}\n{MARK}"
-    if text.count(MARK) == 2:
-        a, b = text.index(MARK), text.rindex(MARK) + len(MARK)
-        notes.write_text(text[:a] + block + text[b:])
+    for doc, mark in ((REPO / "BUILD_NOTES.md", MARK), (REPO / "README.md", README_MARK)):
+        text = doc.read_text() if doc.exists() else ""
+        if text.count(mark) == 2:
+            a, b = text.index(mark), text.rindex(mark) + len(mark)
+            doc.write_text(text[:a] + f"{mark}\n{t}\n{mark}" + text[b:])
 
 
 def main() -> None:
@@ -137,7 +157,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated experiment names (see --list)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--write-configs", action="store_true")
-    ap.add_argument("--force", action="store_true", help="re-run finished experiments")
+    ap.add_argument("--force", action="store_true",
+                    help="re-run finished experiments from scratch (deletes their run folders)")
     args = ap.parse_args()
     if args.write_configs:
         write_configs()
@@ -154,7 +175,7 @@ def main() -> None:
         if done.exists() and not args.force:
             print(f"{name}: done ({done})", flush=True)
             continue
-        r = run_one(name, args.profile)
+        r = run_one(name, args.profile, fresh=args.force)
         print(json.dumps({k: r[k] for k in ("name", "accuracy", "wall_seconds")}), flush=True)
         publish(args.profile)
     publish(args.profile)

@@ -86,7 +86,8 @@ def _records(cfg: dict):
 
 def build(cfg: dict, train_records, valid_records):
     """Tokenizer, method and (model_cfg, graphdef, params) for an experiment config."""
-    from latent_jax.compact_vocab import CompactTokenizer
+    from latent_jax.compact_vocab import META as COMPACT_META
+    from latent_jax.compact_vocab import CompactTokenizer, load_any_tokenizer
     from latent_jax.config import gpt2_config, llama_config
     from latent_jax.hf import load_hf, resolve_checkpoint
     from latent_jax.methods import build_method, prepare_model
@@ -96,7 +97,10 @@ def build(cfg: dict, train_records, valid_records):
     m = cfg["model"]
     pretrained = m["pretrained"]
     folder = resolve_checkpoint(pretrained) if pretrained else None
-    tok = load_tokenizer(cfg["tokenizer"] or folder or ("gpt2" if m["family"] == "gpt2" else None))
+    if folder is not None and (pathlib.Path(folder) / COMPACT_META).exists():
+        tok = load_any_tokenizer(folder)  # our export of a compact-vocabulary model (e.g. the CoT stage to continue
+    else:  # from, as Coconut and iCoT-SI do): its vocabulary is the model's, whatever `tokenizer` says
+        tok = load_tokenizer(cfg["tokenizer"] or folder or ("gpt2" if m["family"] == "gpt2" else None))
     if m["compact_vocab"]:
         if pretrained:
             raise ValueError("model.compact_vocab is for random-init models; a pretrained model keeps its vocab")

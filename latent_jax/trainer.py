@@ -4,7 +4,9 @@ Per epoch e: stage = min(e // epochs_per_stage, max_latent_stage + 1) (see `data
 each example uses that stage, or with probability `uniform_prob` a random one. One optimizer step = grad_accum
 micro-batches; gradients are sums of per-token losses, divided by the step's total token count: identical to one
 big batch's mean token loss. Optimizer state is reset (fresh AdamW moments and count) when the stage changes
-(`reset_optimizer`), the learning-rate schedule follows the global step. Checkpoints: `latent_jax.checkpoint`.
+(`reset_optimizer`; only for a method with a curriculum or a schedule), the learning-rate schedule follows the
+global step. Keep-best: the best evaluated epoch (ties: the later; only epochs the method's optional
+`eligible_for_best(stage)` accepts). Checkpoints: `latent_jax.checkpoint`.
 """
 from __future__ import annotations
 
@@ -202,6 +204,9 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
     place = Placement(cfg.batch_size * pc, cfg.mesh)
     tx, _, apply_step = make_steps(graphdef, cfg.weight_decay, cfg.grad_clip, mesh=place.mesh, remat=cfg.remat)
     schedule = getattr(method, "schedule", None)
+    # "stage" resets only where the stage means something: a curriculum (num_stages > 1) or the method's own
+    # schedule (iCoT-SI removal counts); CoT / No-CoT / Pause keep their AdamW moments across epochs
+    staged = schedule is not None or (method.num_stages() if hasattr(method, "num_stages") else 1) > 1
 
     def stage_at(epoch: int, micro: int) -> int:  # the stage of micro-batch `micro` of `epoch`
         return schedule(epoch, micro // cfg.grad_accum, steps_per_epoch) if schedule else cfg.stage(epoch)
@@ -264,7 +269,7 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
                 opt_state = place.tree(tx.init(params))
             while micro < n_micro:
                 t0, stats, stage = time.perf_counter(), [], stage_at(epoch, micro)
-                if last_stage is not None and stage != last_stage and cfg.reset_optimizer == "stage":
+                if staged and last_stage is not None and stage != last_stage and cfg.reset_optimizer == "stage":
                     opt_state = place.tree(tx.init(params))  # the stage (curriculum / removal count) changed
                 last_stage = stage
                 micro_step = make_steps(graphdef, cfg.weight_decay, cfg.grad_clip, loss_for(stage), mesh=place.mesh,
@@ -305,7 +310,10 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
                 scalars = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
                 entry.update(scalars)
                 metrics.write(dict(step=step, epoch=epoch, stage=stage, eval=scalars))
-                if best_acc is None or result["accuracy"] > best_acc:
+                # ties go to the later epoch: more training, and for a schedule such as iCoT-SI's the model that
+                # has internalized more (an all-zero run must not report its epoch-0, CoT-writing model)
+                eligible = method.eligible_for_best(stage) if hasattr(method, "eligible_for_best") else True
+                if eligible and (best_acc is None or result["accuracy"] >= best_acc):
                     best_acc, best_params = float(result["accuracy"]), jax.tree.map(jnp.copy, params)
                     if best_ckpt is not None:
                         best_ckpt.save(step, best_params, dict(step=step, epoch=epoch, accuracy=best_acc))

@@ -78,6 +78,16 @@ def test_train_export_eval_end_to_end(tmp_path, capsys):
     _, g0, p0 = load_hf(out / "export")
     toks = np.arange(1, 9, dtype=np.int32)[None]
     np.testing.assert_array_equal(forward(g2, p2, tokens=toks).logits, forward(g0, p0, tokens=toks).logits)
+    # continue from the export (compact vocabulary): the folder's tokenizer is used, whatever `tokenizer` says
+    ov2 = [o for o in ov if not o.startswith("output_dir")] + [f"output_dir={tmp_path / 'run2'}",
+                                                                f"model.pretrained={out / 'export'}",
+                                                                "model.compact_vocab=false", "train.epochs=1"]
+    assert main(["train", "prosqa_coconut_cpu", *ov2]) == 0
+    r2 = json.loads((tmp_path / "run2" / "result.json").read_text())
+    assert r2["model_params"] == result["model_params"] and r2["train_records"] == 24
+    from latent_jax.compact_vocab import META, load_any_tokenizer
+    assert (tmp_path / "run2" / "export" / META).exists()
+    assert load_any_tokenizer(tmp_path / "run2" / "export").vocab_size == load_any_tokenizer(out / "export").vocab_size
     assert forward(g1, p1, tokens=toks).logits.shape == forward(g0, p0, tokens=toks).logits.shape
     assert main(["eval", "prosqa_coconut_cpu", *ov, "--model-dir", str(out / "export")]) == 0
     ev = json.loads((out / "eval.json").read_text())

@@ -42,29 +42,35 @@ def make(tok, **kw) -> ICoTSI:
     return build_method("icot_si", tok, **kw)
 
 
-def reference_counts(S: int, rpe: float, epochs: int, start: int = 0, K: float = math.inf) -> list[float]:
+def reference_counts(S: int, rpe: float, epochs: int, start: int = 0, K: float = math.inf,
+                     pretrain: int = 0) -> list[float]:
     """Deng et al. `src/train.py` removal schedule, transcribed as the stateful loop it is."""
     per_token = int(round(S / rpe))
     counter, n, out = 0, start, []
-    for _ in range(epochs):
+    for epoch in range(epochs):
         if n >= K:
             n = math.inf
         for _ in range(S):
             if counter == per_token or per_token == 0:
                 n, counter = n + 1, 0
-            counter += 1
+            if epoch >= pretrain:
+                counter += 1
             if n >= K:
                 n = math.inf
             out.append(n)
     return out
 
 
-@pytest.mark.parametrize("S,rpe,start,K", [(100, 8, 0, None), (25, 8, 0, None), (7, 2, 3, None), (3, 8, 0, None),
-                                           (50, 8, 0, 13), (10, 1.5, 0, 4), (4, 8, 0, 0), (1000, 8, 0, 39)])
-def test_schedule_matches_reference_loop(tok, S, rpe, start, K):
-    m = make(tok, remove_per_epoch=rpe, remove_start_from=start, remove_all_beyond=K)
+@pytest.mark.parametrize("S,rpe,start,K,pre", [(100, 8, 0, None, 0), (25, 8, 0, None, 0), (7, 2, 3, None, 0),
+                                               (3, 8, 0, None, 0), (50, 8, 0, 13, 0), (10, 1.5, 0, 4, 0),
+                                               (4, 8, 0, 0, 0), (1000, 8, 0, 39, 0), (100, 8, 0, None, 2),
+                                               (7, 2, 3, 9, 1), (3, 8, 0, None, 1)])
+def test_schedule_matches_reference_loop(tok, S, rpe, start, K, pre):
+    m = make(tok, remove_per_epoch=rpe, remove_start_from=start, remove_all_beyond=K, pretrain_epochs=pre)
     ours = [m.scheduled_removal(e, s, S) for e in range(4) for s in range(S)]
-    assert ours == reference_counts(S, rpe, 4, start, math.inf if K is None else K)
+    assert ours == reference_counts(S, rpe, 4, start, math.inf if K is None else K, pre)
+    if pre:
+        assert set(ours[:pre * S]) == {start} or rpe * 2 > S  # explicit CoT until the removal starts
     stages = [m.schedule(e, s, S) for e in range(4) for s in range(S)]
     assert stages == [min(n, K) if K is not None else n for n in ours] and all(isinstance(x, int) for x in stages)
 
@@ -76,7 +82,9 @@ def test_schedule_values(tok):
     assert [m.schedule(0, s, 100) for s in (11, 12, 23, 24, 99)] == [0, 1, 1, 2, 8]
     assert [m.schedule(0, s, 96) for s in (0, 11, 12, 95)] == [0, 0, 1, 7] and m.schedule(1, 0, 96) == 8
     assert [m.schedule(0, s, 2) for s in range(2)] + [m.schedule(1, 0, 2)] == [1, 2, 3]  # R = 0: +1 each step
+    assert not m.eligible_for_best(10 ** 6)  # no cap known yet: nothing counts as "all CoT removed"
     m.max_cot_tokens = 20  # prepare_data's cap: beyond the longest CoT the stage stops growing
+    assert [m.eligible_for_best(s) for s in (0, 19, 20)] == [False, False, True]
     assert m.schedule(2, 60, 96) == 20 and m.scheduled_removal(2, 60, 96) == 21 and m.schedule(2, 40, 96) == 19
     k = make(tok, remove_all_beyond=10)
     assert k.scheduled_removal(1, 24, 96) == math.inf and k.schedule(1, 24, 96) == 10
@@ -185,6 +193,7 @@ def test_prompt_has_no_cot(tok, records):
     (dict(smoothing_lambda=-1), "smoothing_lambda"), (dict(smoothing_lambda=float("nan")), "smoothing_lambda"),
     (dict(remove_all_beyond=-1), "remove_all_beyond"), (dict(remove_all_beyond=2.5), "remove_all_beyond"),
     (dict(max_smoothing_offset=-1), "max_smoothing_offset"), (dict(remove_start_from=-2), "remove_start_from"),
+    (dict(pretrain_epochs=-1), "pretrain_epochs"),
     (dict(separator="space"), "separator"), (dict(smoothing="yes"), "smoothing"), (dict(lambda_=4), "unknown")])
 def test_bad_config_errors(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -83,3 +83,20 @@ def test_collate_aligns_first_latent_and_rejects_bad_input():
         collate(exs, pad_id=0, max_len=5)
     with pytest.raises(ValueError, match="does not fit"):
         Example([1, 2], [1, 2], 2, 1)
+
+
+def test_collate_without_thoughts_only_right_pads_and_keeps_the_loss():
+    """No latent slots: rows start at column 0 (prefix_len 0), T is the bucketed longest row; the loss equals that
+    of the aligned layout (align=True, what LT-Tuning asks for)."""
+    exs = [Example([1, 2, 3, 4, 5, 6, 7], [IGNORE] * 3 + [4, 5, 6, 7], 3),
+           Example([3, 8, 9, 2], [IGNORE, 8, 9, 2], 1), Example([5, 6, 7, 8, 2], [IGNORE] * 4 + [2], 4)]
+    b, aligned = collate(exs, pad_id=0, bucket=4), collate(exs, pad_id=0, bucket=4, align=True)
+    assert (b.prefix_len, b.n_latent, b.tokens.shape) == (0, 0, (3, 8))
+    assert aligned.prefix_len == 4 and aligned.tokens.shape == (3, 8)  # 4 + max(4, 3, 1) = 8
+    assert b.mask[:, 0].all() and list(b.mask.sum(1)) == [7, 4, 5] and list(b.tokens[1, :4]) == [3, 8, 9, 2]
+    assert not aligned.mask[:, 0].all()
+    cfg = tiny_config("gpt2")
+    g, p = init_model(cfg, seed=0)
+    losses = [float(loss_fn(p, g, {k: jnp.asarray(v) for k, v in x.arrays().items()}, x.prefix_len, 0)[0])
+              for x in (b, aligned)]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)

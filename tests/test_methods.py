@@ -150,3 +150,13 @@ def test_evaluate_counts_exact_matches(monkeypatch, tmp_path):
     assert res["accuracy"] == pytest.approx(3 / 5) and res["n"] == 5
     assert (tmp_path / "r.json").exists()
     assert ev.extract_answer("x # 1,234 ") == "1234"
+
+
+@pytest.mark.parametrize("name", ["coconut", "pause", "lt_tuning", "token_assorted"])
+def test_init_token_that_encodes_to_nothing_is_an_error(name):
+    from latent_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("gpt2")
+    assert build_method(name, tok, init_token="<<").init_token_id() == tok.encode("<<")[0]
+    with pytest.raises(ValueError, match="encodes to no token"):
+        build_method(name, tok, init_token="").init_token_id()

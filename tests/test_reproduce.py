@@ -28,8 +28,12 @@ def test_every_experiment_has_a_current_config_that_loads():
     # the paper's table: every QA method runs on both QA tasks with one budget
     assert used <= set(METHODS) and {"cot", "no_cot", "pause", "coconut", "no_curriculum", "no_thought",
                                      "pause_as_thought", "icot_si", "lt_tuning"} <= used
-    budgets = {json.dumps(reproduce.config_for(n, "cpu")["train"]) for n in names if n.startswith("prosqa")}
-    assert len(budgets) == 1
+    for task in ("prosqa", "prontoqa", "mult4", "mult5"):  # one budget (records, epochs, batch, lr) per task
+        budgets = {json.dumps([reproduce.config_for(n, "cpu")[k] for k in ("train", "model")]) +
+                   str(reproduce.config_for(n, "cpu")["data"]["train_n"]) for n in names if n.startswith(task + "_")}
+        assert len(budgets) == 1, task
+    assert reproduce.config_for("mult4_cot", "cpu")["data"]["train_n"] > reproduce.config_for(
+        "prosqa_cot", "cpu")["data"]["train_n"]  # the per-task CPU budget of multiplication applies
 
 
 def test_gpu_profile_overrides_load():
@@ -46,6 +50,8 @@ def test_results_become_the_table(tmp_path, monkeypatch):
     (tmp_path / "results").mkdir()
     notes = tmp_path / "BUILD_NOTES.md"
     notes.write_text(f"intro\n{reproduce.MARK}\nold\n{reproduce.MARK}\noutro\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# R\n{reproduce.README_MARK}\n{reproduce.README_MARK}\nmore\n")
     for name, acc in (("prosqa_cot", 0.25), ("prosqa_coconut", 0.5)):
         (tmp_path / "results" / f"cpu_{name}.json").write_text(json.dumps(
             {"task": "prosqa", "method": name.split("_", 1)[1], "accuracy": acc, "mean_generated_tokens": 12.0,
@@ -55,9 +61,33 @@ def test_results_become_the_table(tmp_path, monkeypatch):
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
     assert "| prosqa | coconut | 50.0% | 12.0 |" in text and "| prosqa | cot | 25.0% |" in text
     assert (tmp_path / "results" / "README.md").read_text().count("| prosqa |") == 2
+    assert readme.read_text().startswith("# R\n") and readme.read_text().count("| prosqa |") == 2
 
 
 def test_unknown_experiment_is_refused(monkeypatch):
     monkeypatch.setattr("sys.argv", ["reproduce.py", "--only", "prosqa_nonsense"])
     with pytest.raises(SystemExit, match="unknown experiment"):
         reproduce.main()
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_force_starts_from_scratch(tmp_path, monkeypatch, fresh):
+    """--force deletes the run folder (its checkpoints would otherwise be resumed: a finished run only re-evaluated
+    with its old best weights); without it, the folder (and a resumable checkpoint) stays."""
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(reproduce, "REPO", tmp_path)
+    (tmp_path / "configs" / "repro").mkdir(parents=True)
+    monkeypatch.setattr(reproduce, "CONFIGS", tmp_path / "configs" / "repro")
+    out = tmp_path / reproduce.config_for("mult4_cot", "cpu")["output_dir"]
+    (out / "train" / "checkpoints").mkdir(parents=True)
+    (out / "train" / "checkpoints" / "old").write_text("stale")
+    seen = []
+
+    def fake_run(cmd, check, cwd):
+        seen.append((out / "train" / "checkpoints" / "old").exists())
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(json.dumps({"method": "cot", "task": "mult4", "accuracy": 1.0}))
+    monkeypatch.setattr(reproduce.subprocess, "run", fake_run)
+    r = reproduce.run_one("mult4_cot", "cpu", fresh=fresh)
+    assert seen == [not fresh] and r["accuracy"] == 1.0
+    assert json.loads((tmp_path / "results" / "cpu_mult4_cot.json").read_text())["task"] == "mult4"

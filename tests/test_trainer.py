@@ -179,6 +179,47 @@ def test_optimizer_reset(model, policy, epochs_per_stage, expected_count):
     assert r.step == 4 and int(adam.count) == expected_count
 
 
+def test_stage_reset_needs_stages(model):
+    """A method with one stage and no schedule (CoT, No-CoT, Pause) keeps its AdamW state across epochs even
+    though the scheduled stage number grows (reset_optimizer "stage")."""
+    graphdef, params = model
+    r = train(ToyMethod(max_latent_stage=0), toy_records(8), graphdef, params,
+              quiet(epochs=2, epochs_per_stage=1, max_latent_stage=1, batch_size=4, reset_optimizer="stage"))
+    assert r.step == 4 and int(r.opt_state[0].count) == 4
+
+
+@pytest.mark.parametrize("accs,best_epoch", [((0.0, 0.0, 0.0), 2), ((0.2, 0.5, 0.1), 1), ((0.5, 0.2, 0.5), 2)])
+def test_keep_best_prefers_the_later_epoch_on_ties(model, accs, best_epoch):
+    graphdef, params = model
+    seen = []
+
+    def eval_fn(g, p, stage):
+        seen.append(jax.tree.map(np.asarray, p))
+        return {"accuracy": accs[len(seen) - 1]}
+    r = train(ToyMethod(), toy_records(4), graphdef, params,
+              quiet(epochs=3, epochs_per_stage=1, batch_size=4, lr=1e-2), eval_fn=eval_fn)
+    assert r.best_accuracy == max(accs) and len(seen) == 3
+    for a, b in zip(jax.tree.leaves(r.best_params), jax.tree.leaves(seen[best_epoch])):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_keep_best_only_among_eligible_stages(model):
+    """A method's `eligible_for_best(stage)` (iCoT-SI: all CoT removed) restricts keep-best: the accurate epoch-0
+    model (stage 0) is not kept; with no eligible epoch there is no best (the run's final weights are used)."""
+    graphdef, params = model
+
+    class Late(ToyMethod):
+        def eligible_for_best(self, stage):
+            return stage >= self.need
+    for need, want in ((1, 0.2), (9, None)):
+        m = Late()
+        m.need = need
+        accs = iter((0.9, 0.1, 0.2))
+        r = train(m, toy_records(4), graphdef, params, quiet(epochs=3, epochs_per_stage=1, batch_size=4),
+                  eval_fn=lambda g, p, stage: {"accuracy": next(accs)})
+        assert r.best_accuracy == want and (r.best_params is None) == (want is None)
+
+
 def test_training_reduces_loss(model):
     """batch_size 8: data parallel over the 8 CPU devices (params replicated, batch split)."""
     graphdef, params = model

@@ -13,7 +13,8 @@ Partial batches: the last micro-batch of an epoch is *padded* with empty rows (m
 the fixed micro-batch size, so no example is dropped and B never changes (with several hosts only, up to
 process_count - 1 examples per epoch are left out so that every host runs the same number of steps).
 Padding policy: `collate` left-pads every row so that the latent blocks line up at `prefix_len` (rounded up to
-`bucket`) and right-pads to a bucketed length: one compile per (B, prefix_len, T, n_latent) bucket.
+`bucket`) and right-pads to a bucketed length: one compile per (B, prefix_len, T, n_latent) bucket; a batch
+without thoughts is only right-padded (prefix_len 0).
 
 `epoch_iterator` returns a grain `DatasetIterator`: `get_state()/set_state()` (or grain's Orbax
 `grain.checkpoint.CheckpointSave/CheckpointRestore`) resume it exactly mid-epoch.

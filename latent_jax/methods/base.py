@@ -5,7 +5,9 @@ An `Example` is one tokenized record at one curriculum stage: tokens, labels (HF
 
 `collate` lays a batch out for the compiled latent loop: rows are left-padded so that every row's first latent
 slot sits at the same column `prefix_len` (rounded up to `bucket`), and right-padded to a bucketed total length.
-`prefix_len` and `n_latent` (the batch max) are static: one compile per (B, prefix_len, T, n_latent).
+`prefix_len` and `n_latent` (the batch max) are static: one compile per (B, prefix_len, T, n_latent). A batch
+without thoughts (CoT, No-CoT, iCoT, stage 0 of the curriculum) needs no alignment: it is only right-padded, with
+prefix_len 0, which saves the alignment padding and keeps one compile per bucketed length.
 """
 from __future__ import annotations
 
@@ -57,19 +59,22 @@ def round_up(n: int, bucket: int) -> int:
 
 
 def collate(examples: Sequence[Example], pad_id: int, bucket: int = 32, max_len: int | None = None,
-            batch_size: int | None = None) -> Batch:
-    """Align latent starts, pad to buckets. `batch_size` pads with empty rows (mask all False) for a fixed B."""
+            batch_size: int | None = None, align: bool = False) -> Batch:
+    """Align latent starts, pad to buckets. `batch_size` pads with empty rows (mask all False) for a fixed B.
+    A batch without thoughts is only right-padded (prefix_len 0: no alignment padding, one compile per length)
+    unless `align` (a method that places its own thoughts after the aligned prefix, e.g. LT-Tuning)."""
     if not examples:
         raise ValueError("empty batch")
     n_lat = max(e.n_latent for e in examples)
-    P = round_up(max(e.latent_start for e in examples), bucket)
-    rest = max(len(e.tokens) - e.latent_start - n_lat for e in examples)
+    starts = [e.latent_start if n_lat or align else 0 for e in examples]
+    P = round_up(max(starts), bucket)
+    rest = max(len(e.tokens) - s - n_lat for e, s in zip(examples, starts))
     T = round_up(P + n_lat + max(rest, 1), bucket)
     if max_len is not None and max(len(e.tokens) for e in examples) > max_len:
         raise ValueError(f"an example has {max(len(e.tokens) for e in examples)} tokens, more than the model's"
                          f" {max_len} positions (shorten the data or use a longer-context model)")
     if max_len is not None and T > max_len:  # padding alone overflows: shrink the buckets to exact sizes
-        P = max(e.latent_start for e in examples)
+        P = max(starts)
         T = P + n_lat + max(rest, 1)
         if T > max_len:
             raise ValueError(f"aligned batch needs {T} positions > max_positions {max_len}; use smaller batches")
@@ -80,14 +85,22 @@ def collate(examples: Sequence[Example], pad_id: int, bucket: int = 32, max_len:
     labels = np.full((B, T), IGNORE, np.int32)
     mask = np.zeros((B, T), bool)
     latent = np.zeros((B, T), bool)
-    for i, e in enumerate(examples):
-        off = P - e.latent_start
+    for i, (e, start) in enumerate(zip(examples, starts)):
+        off = P - start
         n = len(e.tokens)
         tokens[i, off:off + n] = e.tokens
         labels[i, off:off + n] = e.labels
         mask[i, off:off + n] = True
         latent[i, P:P + e.n_latent] = True
     return Batch(tokens, mask, labels, latent, P, n_lat)
+
+
+def first_token_id(tok, text: str, what: str = "init_token") -> int:
+    """The first token of `text` (how a method's new special-token rows are initialized: Coconut's "<<")."""
+    ids = tok.encode(text)
+    if not ids:
+        raise ValueError(f"{what} {text!r} encodes to no token")
+    return ids[0]
 
 
 @dataclasses.dataclass(frozen=True)

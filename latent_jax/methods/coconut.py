@@ -12,7 +12,7 @@ import dataclasses
 import functools
 from typing import Any
 
-from latent_jax.methods.base import IGNORE, Example, Prompt
+from latent_jax.methods.base import IGNORE, Example, Prompt, first_token_id
 from latent_jax.tokenizer import Tokenizer
 
 BOT, EOT, LATENT, PAUSE = "<|start-latent|>", "<|end-latent|>", "<|latent|>", "<|pause|>"
@@ -116,7 +116,4 @@ class Coconut:
         return Prompt(q + [self.ids[BOT]] + [slot] * n_lat + [self.ids[EOT]])
 
     def init_token_id(self) -> int:
-        ids = self.tok.encode(self.cfg.init_token)
-        if not ids:
-            raise ValueError(f"init_token {self.cfg.init_token!r} encodes to no token")
-        return ids[0]
+        return first_token_id(self.tok, self.cfg.init_token)

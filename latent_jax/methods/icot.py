@@ -45,13 +45,16 @@ def _number(name: str, v: Any) -> float:
 class ICoTSIConfig:
     """remove_per_epoch: CoT tokens removed per epoch (reference 8; fractional allowed as in the reference).
     remove_start_from: tokens removed at step 0. remove_all_beyond: once the scheduled count reaches it, remove
-    all CoT (None / "inf" = never; reference `remove_all_when_remove_beyond`). smoothing_lambda: removal
-    smoothing λ (reference 4; "inf" or smoothing=false: no offset). max_smoothing_offset: offsets are truncated
-    here (reference: truncate_length 100 -> 99). separator: "newline" (project CoT format) or "eos" (reference)."""
+    all CoT (None / "inf" = never; reference `remove_all_when_remove_beyond`). pretrain_epochs: epochs of explicit
+    CoT (count held at remove_start_from) before the removal starts (reference `--pretrain_epochs`).
+    smoothing_lambda: removal smoothing λ (reference 4; "inf" or smoothing=false: no offset).
+    max_smoothing_offset: offsets are truncated here (reference: truncate_length 100 -> 99). separator: "newline"
+    (project CoT format) or "eos" (reference)."""
 
     remove_per_epoch: float = 8.0
     remove_start_from: int = 0
     remove_all_beyond: int | None = None
+    pretrain_epochs: int = 0
     smoothing: bool = True
     smoothing_lambda: float = 4.0
     max_smoothing_offset: int = 99
@@ -70,6 +73,7 @@ class ICoTSIConfig:
         if K is not None and _number("remove_all_beyond", K) == math.inf:
             object.__setattr__(self, "remove_all_beyond", K := None)
         for name, v in (("remove_start_from", self.remove_start_from), ("remove_all_beyond", K),
+                        ("pretrain_epochs", self.pretrain_epochs),
                         ("max_smoothing_offset", self.max_smoothing_offset)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise ValueError(f"ICoTSIConfig.{name} must be an integer >= 0, got {v!r}")
@@ -116,7 +120,8 @@ class ICoTSI:
         """The reference count at optimizer step `step` of `epoch` (inf once remove_all_beyond is reached)."""
         per_token = int(round(steps_per_epoch / self.cfg.remove_per_epoch))  # Python round: half to even
         g = epoch * steps_per_epoch + step
-        n = self.cfg.remove_start_from + (g + 1 if per_token == 0 else g // per_token)
+        g_removing = max(0, g - self.cfg.pretrain_epochs * steps_per_epoch)  # the reference's counter is idle before
+        n = self.cfg.remove_start_from + (g + 1 if per_token == 0 else g_removing // per_token)
         K = self.cfg.remove_all_beyond
         return math.inf if K is not None and n >= K else n
 
@@ -125,6 +130,12 @@ class ICoTSI:
         caps = [c for c in (self.cfg.remove_all_beyond, self.max_cot_tokens) if c is not None]
         n = self.scheduled_removal(epoch, step, steps_per_epoch)
         return int(min([n, *caps]))
+
+    def eligible_for_best(self, stage: int) -> bool:
+        """The trainer keeps the best model only among those that write no CoT (the count covers every training
+        CoT): an early epoch that still writes it is not an iCoT-SI result, however accurate."""
+        caps = [c for c in (self.cfg.remove_all_beyond, self.max_cot_tokens) if c is not None]
+        return bool(caps) and stage >= min(caps)
 
     def sample_offset(self, seed: int, epoch: int, index: int) -> int:
         if self._cdf[0] >= 1.0:

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from latent_jax.evaluate import layout_prompts
-from latent_jax.methods.base import IGNORE, Batch, Example, Prompt, collate, round_up
+from latent_jax.methods.base import IGNORE, Batch, Example, Prompt, collate, first_token_id, round_up
 from latent_jax.methods.coconut import check_record
 from latent_jax.methods.lt_fusion import gold_probs, lt_generate_padded, lt_loss
 from latent_jax.models import get_config
@@ -168,7 +168,7 @@ class LTTuning:
                 batch_size: int | None = None) -> Batch:
         """`base.collate`, then `latent` marks the `<thinking>` positions and n_latent = the number of fill passes
         (max thoughts per row, rounded up to `think_bucket`)."""
-        b = collate(examples, pad_id, bucket, max_len, batch_size)
+        b = collate(examples, pad_id, bucket, max_len, batch_size, align=True)
         latent = (b.tokens == self.think_id) & b.mask
         if latent[:, :b.prefix_len].any():  # the loss runs the question prefix once, without thoughts
             raise ValueError("a `<thinking>` token inside a question: thoughts go in the CoT/answer only")
@@ -244,7 +244,4 @@ class LTTuning:
                 for i in range(len(prompts))]
 
     def init_token_id(self) -> int:
-        ids = self.tok.encode(self.cfg.init_token)
-        if not ids:
-            raise ValueError(f"init_token {self.cfg.init_token!r} encodes to no token")
-        return ids[0]
+        return first_token_id(self.tok, self.cfg.init_token)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from latent_jax.methods.base import IGNORE, Example, Prompt
+from latent_jax.methods.base import IGNORE, Example, Prompt, first_token_id
 from latent_jax.methods.coconut import PAUSE, check_record
 from latent_jax.tokenizer import Tokenizer
 
@@ -92,4 +92,4 @@ class Pause:
         return Prompt(self._prefix(record))
 
     def init_token_id(self) -> int:
-        return self.tok.encode(self.cfg.init_token)[0]
+        return first_token_id(self.tok, self.cfg.init_token)

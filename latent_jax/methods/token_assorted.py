@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from latent_jax.methods.base import IGNORE, Example, Prompt
+from latent_jax.methods.base import IGNORE, Example, Prompt, first_token_id
 from latent_jax.methods.coconut import check_record
 from latent_jax.tokenizer import Tokenizer
 from latent_jax.vqvae import (CONFIG_FILE, VQVAE, ChunkData, VQVAEConfig, load_vqvae, save_vqvae,
@@ -211,7 +211,4 @@ class TokenAssorted:
         """None: `prepare_model` gives the new rows N(0, 0.02) (see TokenAssortedConfig.init_token)."""
         if self.cfg.init_token is None:
             return None
-        ids = self.tok.encode(self.cfg.init_token)
-        if not ids:
-            raise ValueError(f"init_token {self.cfg.init_token!r} encodes to no token")
-        return ids[0]
+        return first_token_id(self.tok, self.cfg.init_token)
