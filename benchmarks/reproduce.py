@@ -31,7 +31,8 @@ RESULTS = REPO / "results"
 MARK = "<!-- repro-table -->"
 README_MARK = "<!-- readme-repro-table -->"
 
-TASKS = {"prosqa": {"max_new_tokens": 64}, "prontoqa": {"max_new_tokens": 64},
+# max_new_tokens: room for the longest CoT + answer of the real validation file (GPT-2 tokens, as the compact vocab)
+TASKS = {"prosqa": {"max_new_tokens": 96}, "prontoqa": {"max_new_tokens": 128},
          "mult4": {"max_new_tokens": 96}, "mult5": {"max_new_tokens": 128}}
 QA_METHODS = {
     "cot": {"name": "cot"},

@@ -91,3 +91,19 @@ def test_force_starts_from_scratch(tmp_path, monkeypatch, fresh):
     r = reproduce.run_one("mult4_cot", "cpu", fresh=fresh)
     assert seen == [not fresh] and r["accuracy"] == 1.0
     assert json.loads((tmp_path / "results" / "cpu_mult4_cot.json").read_text())["task"] == "mult4"
+
+
+@pytest.mark.parametrize("task", sorted(reproduce.TASKS))
+def test_generation_budget_fits_the_longest_validation_cot(task):
+    """A CoT answer cut at max_new_tokens scores 0: the budget must hold the longest CoT + answer + EOS of the real
+    validation file (ProntoQA's reach 104 tokens; 64 had scored every CoT answer 0)."""
+    from latent_jax.data import load_dataset
+    from latent_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("gpt2")
+    try:
+        valid = load_dataset(task, split="valid", source="file")
+    except FileNotFoundError as e:
+        pytest.skip(f"no validation file here: {e}")
+    longest = max(len(tok.encode("\n".join(r["steps"]) + "\n### " + r["answer"])) + 1 for r in valid)
+    assert reproduce.TASKS[task]["max_new_tokens"] >= longest, (task, longest)
