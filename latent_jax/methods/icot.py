@@ -125,16 +125,20 @@ class ICoTSI:
         K = self.cfg.remove_all_beyond
         return math.inf if K is not None and n >= K else n
 
+    def _caps(self) -> list[int]:
+        """Counts that remove every CoT: remove_all_beyond and the longest training CoT (once prepare_data ran)."""
+        return [c for c in (self.cfg.remove_all_beyond, self.max_cot_tokens) if c is not None]
+
     def schedule(self, epoch: int, step: int, steps_per_epoch: int) -> int:
         """Trainer stage: the count, capped at the first value that removes all CoT of every example."""
-        caps = [c for c in (self.cfg.remove_all_beyond, self.max_cot_tokens) if c is not None]
+        caps = self._caps()
         n = self.scheduled_removal(epoch, step, steps_per_epoch)
         return int(min([n, *caps]))
 
     def eligible_for_best(self, stage: int) -> bool:
         """The trainer keeps the best model only among those that write no CoT (the count covers every training
         CoT): an early epoch that still writes it is not an iCoT-SI result, however accurate."""
-        caps = [c for c in (self.cfg.remove_all_beyond, self.max_cot_tokens) if c is not None]
+        caps = self._caps()
         return bool(caps) and stage >= min(caps)
 
     def sample_offset(self, seed: int, epoch: int, index: int) -> int:
