@@ -21,7 +21,7 @@ SECTIONS = {
               "param_dtype": "float32", "dtype": "float32", "seed": 0},
     "method": {"name": "coconut"},
     "data": {"task": "prosqa", "train_source": "generated", "train_n": None, "train_path": None, "valid_n": None,
-             "valid_path": None, "seed": 0},
+             "valid_path": None, "seed": 0, "select": "valid", "select_n": None},
     "train": {},
     "eval": {"batch_size": 32, "max_new_tokens": 64, "stage": None},
 }
@@ -84,6 +84,37 @@ def _records(cfg: dict):
     return train, valid
 
 
+def _select_records(cfg: dict, train_records, valid_records) -> list:
+    """The records keep-best chooses the epoch on. `data.select: valid` (default): the validation file, which is
+    also the one reported. `data.select: generated`: a held-out generated set (`select_n` records, default as many
+    as the validation file; questions of the training set and of the validation file removed), so that the reported
+    accuracy did not choose its own epoch."""
+    from latent_jax.data import load_dataset
+
+    d = cfg["data"]
+    if d["select"] == "valid":
+        return list(valid_records)
+    if d["select"] != "generated":
+        raise ValueError(f"data.select must be 'valid' or 'generated', got {d['select']!r}")
+    n = d["select_n"] or len(valid_records)
+    seen = {r["question"] for r in list(train_records) + list(valid_records)}
+    size, out = n + n // 10 + 10, []
+    while len(out) < n and size <= 16 * n + 100:  # draw more while repeats of seen questions eat the pool
+        try:
+            pool = load_dataset(d["task"], split="valid", source="generated", n=size, seed=d["seed"])
+        except ValueError:  # e.g. more distinct problems asked for than exist
+            break
+        out, size = [r for r in pool if r["question"] not in seen][:n], 2 * size
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} generated {d['task']} selection records are new (asked for {n})")
+    return out
+
+
+def _vocab_valid(cfg: dict, valid_records, select_records) -> list:
+    """The non-training records a compact vocabulary is built from (export must rebuild the same vocabulary)."""
+    return list(valid_records) + ([] if cfg["data"]["select"] == "valid" else list(select_records))
+
+
 def build(cfg: dict, train_records, valid_records):
     """Tokenizer, method and (model_cfg, graphdef, params) for an experiment config."""
     from latent_jax.compact_vocab import META as COMPACT_META
@@ -137,7 +168,8 @@ def run_train(cfg: dict, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     out = pathlib.Path(cfg["output_dir"])
     train_records, valid_records = _records(cfg)
-    tok, method, mcfg, graphdef, params = build(cfg, train_records, valid_records)
+    select_records = _select_records(cfg, train_records, valid_records)
+    tok, method, mcfg, graphdef, params = build(cfg, train_records, _vocab_valid(cfg, valid_records, select_records))
     tcfg = {"output_dir": str(out / "train"), **cfg["train"]}
     if hasattr(method.cfg, "max_latent_stage"):
         tcfg.setdefault("max_latent_stage", method.cfg.max_latent_stage)
@@ -147,8 +179,8 @@ def run_train(cfg: dict, progress: bool = True) -> dict:
     tcfg = TrainConfig.from_dict(tcfg)
     ev = cfg["eval"]
 
-    def eval_fn(g, p, stage):
-        return evaluate(method, valid_records, g, p, stage, batch_size=ev["batch_size"],
+    def eval_fn(g, p, stage):  # keep-best and the per-epoch history: on the selection records
+        return evaluate(method, select_records, g, p, stage, batch_size=ev["batch_size"],
                         max_new_tokens=ev["max_new_tokens"], progress=False)
 
     if hasattr(method, "prepare_data"):  # e.g. Token Assorted fits its VQ-VAE on the training CoTs
@@ -162,7 +194,8 @@ def run_train(cfg: dict, progress: bool = True) -> dict:
     tok.save(export)
     summary = {"name": cfg["name"], "method": method.name, "task": cfg["data"]["task"],
                "train_source": cfg["data"]["train_source"], "train_records": len(train_records),
-               "valid_records": len(valid_records), "model_params": mcfg.num_params(), "eval_stage": stage,
+               "valid_records": len(valid_records), "select": cfg["data"]["select"],
+               "select_records": len(select_records), "model_params": mcfg.num_params(), "eval_stage": stage,
                "accuracy": final["accuracy"], "mean_generated_tokens": final["mean_generated_tokens"],
                "seconds_per_question": final["seconds_per_question"], "epochs": tcfg.epochs,
                "wall_seconds": time.perf_counter() - t0, "export": str(export), "history": result.history,
@@ -208,7 +241,8 @@ def run_export(cfg: dict, checkpoint_dir: str, out: str, step: int | None = None
     from latent_jax.hf import save_hf
 
     train_records, valid_records = _records(cfg)
-    tok, _, mcfg, _, params = build(cfg, train_records, valid_records)
+    select_records = _select_records(cfg, train_records, valid_records)
+    tok, _, mcfg, _, params = build(cfg, train_records, _vocab_valid(cfg, valid_records, select_records))
     ckpt = Checkpointer(checkpoint_dir, async_save=False)
     try:
         restored, _ = ckpt.restore(step, abstract_like(params))

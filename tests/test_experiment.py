@@ -92,3 +92,63 @@ def test_train_export_eval_end_to_end(tmp_path, capsys):
     assert main(["eval", "prosqa_coconut_cpu", *ov, "--model-dir", str(out / "export")]) == 0
     ev = json.loads((out / "eval.json").read_text())
     assert ev["accuracy"] == result["accuracy"] and ev["n"] == 6
+
+
+def test_selection_records_are_held_out_generated_questions():
+    """`data.select: generated` draws new questions: none from the training set or the reported file."""
+    from latent_jax.data import load_dataset
+    from latent_jax.experiment import _select_records
+
+    train = load_dataset("mult2", split="train", source="generated", n=3000, seed=0)
+    valid = load_dataset("mult2", split="valid", source="generated", n=50, seed=7)
+    cfg = {"data": {"task": "mult2", "select": "generated", "select_n": 300, "seed": 0}}
+    pool = load_dataset("mult2", split="valid", source="generated", n=340, seed=0)
+    seen = {r["question"] for r in train + valid}
+    assert any(r["question"] in seen for r in pool)  # 2-digit products repeat, so the filter has work to do
+    sel = _select_records(cfg, train, valid)
+    assert len(sel) == 300 and not {r["question"] for r in sel} & seen
+    assert _select_records({"data": {**cfg["data"], "select": "valid"}}, train, valid) == valid
+    with pytest.raises(ValueError, match="data.select"):
+        _select_records({"data": {**cfg["data"], "select": "test"}}, train, valid)
+    with pytest.raises(ValueError, match="selection records are new"):
+        _select_records({"data": {**cfg["data"], "select_n": 5500}}, train, valid)
+
+
+@pytest.mark.parametrize("select", ["valid", "generated"])
+def test_keep_best_selects_on_the_configured_records(tmp_path, monkeypatch, select):
+    """Per-epoch evals (keep-best) run on the selection records; the final report always on the validation file."""
+    import json
+
+    import latent_jax.evaluate as evaluate_mod
+    from latent_jax.data import load_dataset
+    from latent_jax.experiment import run_export, run_train
+
+    calls, real = [], evaluate_mod.evaluate
+
+    def spy(method, records, *a, **k):
+        calls.append([r["question"] for r in records])
+        return real(method, records, *a, **k)
+
+    monkeypatch.setattr(evaluate_mod, "evaluate", spy)
+    cfg = load_config("prosqa_coconut_cpu", [
+        "data.train_n=16", "data.valid_n=4", f"data.select={select}", "data.select_n=3", "train.epochs=2",
+        "train.batch_size=8", "train.progress=false", "model.overrides.n_layers=1", "model.overrides.d_model=32",
+        "model.overrides.head_dim=8", "model.overrides.d_ff=64", "eval.batch_size=4", "eval.max_new_tokens=2",
+        f"output_dir={tmp_path / 'run'}"])
+    result = run_train(cfg, progress=False)
+    valid_q = [r["question"] for r in load_dataset("prosqa", split="valid", n=4)]
+    train_q = {r["question"] for r in load_dataset("prosqa", split="train", source="generated", n=16, seed=0)}
+    *per_epoch, final = calls
+    assert len(per_epoch) == 2 and final == valid_q
+    for qs in per_epoch:
+        if select == "valid":
+            assert qs == valid_q
+        else:
+            assert len(qs) == 3 and not set(qs) & (set(valid_q) | train_q)
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["select"] == result["select"] == select and saved["valid_records"] == 4
+    assert saved["select_records"] == (4 if select == "valid" else 3)
+    # export rebuilds the run's vocabulary (selection questions included): same size as the run's own export
+    from latent_jax.compact_vocab import load_any_tokenizer
+    folder = run_export(cfg, str(tmp_path / "run" / "train" / "checkpoints"), str(tmp_path / "exp"))
+    assert load_any_tokenizer(folder).vocab_size == load_any_tokenizer(tmp_path / "run" / "export").vocab_size

@@ -32,6 +32,7 @@ def test_every_experiment_has_a_current_config_that_loads():
         budgets = {json.dumps([reproduce.config_for(n, "cpu")[k] for k in ("train", "model")]) +
                    str(reproduce.config_for(n, "cpu")["data"]["train_n"]) for n in names if n.startswith(task + "_")}
         assert len(budgets) == 1, task
+    assert all(reproduce.config_for(n, p)["data"]["select"] == "generated" for n in names for p in reproduce.PROFILES)
     assert reproduce.config_for("mult4_cot", "cpu")["data"]["train_n"] > reproduce.config_for(
         "prosqa_cot", "cpu")["data"]["train_n"]  # the per-task CPU budget of multiplication applies
 
@@ -52,14 +53,17 @@ def test_results_become_the_table(tmp_path, monkeypatch):
     notes.write_text(f"intro\n{reproduce.MARK}\nold\n{reproduce.MARK}\noutro\n")
     readme = tmp_path / "README.md"
     readme.write_text(f"# R\n{reproduce.README_MARK}\n{reproduce.README_MARK}\nmore\n")
-    for name, acc in (("prosqa_cot", 0.25), ("prosqa_coconut", 0.5)):
+    for name, acc, select in (("prosqa_cot", 0.25, None), ("prosqa_coconut", 0.5, "generated")):
         (tmp_path / "results" / f"cpu_{name}.json").write_text(json.dumps(
             {"task": "prosqa", "method": name.split("_", 1)[1], "accuracy": acc, "mean_generated_tokens": 12.0,
-             "seconds_per_question": 0.01, "model_params": 2.5e6, "epochs": 7, "wall_seconds": 600}))
+             "seconds_per_question": 0.01, "model_params": 2.5e6, "epochs": 7, "wall_seconds": 600,
+             **({"select": select} if select else {})}))
     reproduce.publish("cpu")
     text = notes.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
     assert "| prosqa | coconut | 50.0% | 12.0 |" in text and "| prosqa | cot | 25.0% |" in text
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| prosqa")}
+    assert "| held-out generated |" in rows["coconut"] and "| the reported file |" in rows["cot"]
     assert (tmp_path / "results" / "README.md").read_text().count("| prosqa |") == 2
     assert readme.read_text().startswith("# R\n") and readme.read_text().count("| prosqa |") == 2
 
