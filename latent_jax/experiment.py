@@ -96,6 +96,8 @@ def _select_records(cfg: dict, train_records, valid_records) -> list:
         return list(valid_records)
     if d["select"] != "generated":
         raise ValueError(f"data.select must be 'valid' or 'generated', got {d['select']!r}")
+    if d["select_n"] is not None and not (isinstance(d["select_n"], int) and d["select_n"] > 0):
+        raise ValueError(f"data.select_n must be a positive integer (null: the validation size), got {d['select_n']!r}")
     n = d["select_n"] or len(valid_records)
     seen = {r["question"] for r in list(train_records) + list(valid_records)}
     size, out = n + n // 10 + 10, []

@@ -110,6 +110,8 @@ def test_selection_records_are_held_out_generated_questions():
     assert _select_records({"data": {**cfg["data"], "select": "valid"}}, train, valid) == valid
     with pytest.raises(ValueError, match="data.select"):
         _select_records({"data": {**cfg["data"], "select": "test"}}, train, valid)
+    with pytest.raises(ValueError, match="select_n must be a positive"):
+        _select_records({"data": {**cfg["data"], "select_n": 0}}, train, valid)
     with pytest.raises(ValueError, match="selection records are new"):
         _select_records({"data": {**cfg["data"], "select_n": 5500}}, train, valid)
 
