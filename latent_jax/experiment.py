@@ -112,9 +112,13 @@ def _select_records(cfg: dict, train_records, valid_records) -> list:
     return out
 
 
-def _vocab_valid(cfg: dict, valid_records, select_records) -> list:
-    """The non-training records a compact vocabulary is built from (export must rebuild the same vocabulary)."""
-    return list(valid_records) + ([] if cfg["data"]["select"] == "valid" else list(select_records))
+def _records_and_build(cfg: dict):
+    """(train, valid, select records), then `build` with a compact vocabulary that also covers the selection
+    records: training and `run_export` go through here, so an export rebuilds the run's vocabulary."""
+    train_records, valid_records = _records(cfg)
+    select_records = _select_records(cfg, train_records, valid_records)
+    extra = [] if cfg["data"]["select"] == "valid" else select_records
+    return train_records, valid_records, select_records, build(cfg, train_records, list(valid_records) + extra)
 
 
 def build(cfg: dict, train_records, valid_records):
@@ -169,9 +173,7 @@ def run_train(cfg: dict, progress: bool = True) -> dict:
 
     t0 = time.perf_counter()
     out = pathlib.Path(cfg["output_dir"])
-    train_records, valid_records = _records(cfg)
-    select_records = _select_records(cfg, train_records, valid_records)
-    tok, method, mcfg, graphdef, params = build(cfg, train_records, _vocab_valid(cfg, valid_records, select_records))
+    train_records, valid_records, select_records, (tok, method, mcfg, graphdef, params) = _records_and_build(cfg)
     tcfg = {"output_dir": str(out / "train"), **cfg["train"]}
     if hasattr(method.cfg, "max_latent_stage"):
         tcfg.setdefault("max_latent_stage", method.cfg.max_latent_stage)
@@ -242,9 +244,7 @@ def run_export(cfg: dict, checkpoint_dir: str, out: str, step: int | None = None
     from latent_jax.checkpoint import Checkpointer, abstract_like
     from latent_jax.hf import save_hf
 
-    train_records, valid_records = _records(cfg)
-    select_records = _select_records(cfg, train_records, valid_records)
-    tok, _, mcfg, _, params = build(cfg, train_records, _vocab_valid(cfg, valid_records, select_records))
+    *_, (tok, _, mcfg, _, params) = _records_and_build(cfg)
     ckpt = Checkpointer(checkpoint_dir, async_save=False)
     try:
         restored, _ = ckpt.restore(step, abstract_like(params))
