@@ -69,7 +69,7 @@ PROFILES = {
 # 4x4: a cosine learning rate (with constant 1e-3, CoT reached 99.8% at epoch 7 and then wobbled to 75.8%).
 TASK_BUDGETS = {
     "cpu": {"mult4": {"train_n": 8000, "train": {"epochs": 12, "bucket": 16, "schedule": "cosine"}},
-            "mult5": {"train_n": 8000, "train": {"epochs": 12, "bucket": 16}}},
+            "mult5": {"train_n": 8000, "train": {"epochs": 12, "bucket": 16, "schedule": "cosine"}}},
     "gpu": {},
 }
 
