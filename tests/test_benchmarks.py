@@ -1,10 +1,13 @@
-"""benchmarks/throughput.py on a tiny model: the JSON it reports, its FLOP count and its MFU arithmetic."""
+"""benchmarks/throughput.py on a tiny model (its JSON, FLOP count and MFU arithmetic);
+benchmarks/prontoqa_cot_check.py (its scores of gold and broken CoTs, and a run on an export)."""
+import json
 import pathlib
 import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import throughput  # noqa: E402
 
 from latent_jax.config import gpt2_config, llama_config  # noqa: E402
@@ -32,3 +35,51 @@ def test_throughput_runs_and_reports(optimizer):
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * out["train_flops_per_token"] / 0.5e12, rel=1e-2)
     assert out["coconut_vs_plain_step_time"] > 0
     assert set(out) >= {"decode_b1", "decode_b2"} and out["decode_b2"]["new_tokens_per_s"] > 0
+
+
+def test_prontoqa_rule_parser_normalises_both_forms():
+    from latent_jax.data import parse_prontoqa_rule
+    assert parse_prontoqa_rule("Tumpuses are gorpuses.") == parse_prontoqa_rule("Every tumpus is a gorpus") \
+        == parse_prontoqa_rule("Each tumpus is a gorpus.") == ("tumpus", "gorpus", False)
+    assert parse_prontoqa_rule("Wumpuses are not sour.") == ("wumpus", "sour", True)
+    assert parse_prontoqa_rule("Alex is a tumpus.") is None and parse_prontoqa_rule("Alex is not happy.") is None
+
+
+def test_prontoqa_cot_check_scores_gold_and_broken_cots():
+    import prontoqa_cot_check as pc
+
+    from latent_jax.data import generate_prontoqa
+    recs = generate_prontoqa(40, seed=3)
+    gold = ["\n".join(r["steps"]) + "\n### " + r["answer"] for r in recs]
+    r = pc.check(recs, gold)
+    assert r["whole_cot_exact"] == r["first_step_exact"] == r["steps_exact_in_place"] == 1.0
+    assert r["rules_stated_in_question"] == 1.0 and r["answer_consistent_with_own_last_step"] == 1.0
+    assert r["rules_written"] == sum(len(x["steps"]) - 1 for x in recs)
+    # the right CoT with the other answer: the answer no longer follows the CoT
+    flip = {"True": "False", "False": "True"}
+    r = pc.check(recs, ["\n".join(x["steps"]) + "\n### " + flip[x["answer"]] for x in recs])
+    assert r["answer_consistent_with_own_last_step"] == 0.0 and r["whole_cot_exact"] == 1.0
+    # rules the questions do not state (a made-up concept), in the right format; answers follow the last line
+    fake = ["\n".join(s.split(". ")[0] + ". Blorpuses are zumpuses." for s in x["steps"][:-1]) + "\n"
+            + x["steps"][-1] + "\n### " + x["answer"] for x in recs]
+    r = pc.check(recs, fake)
+    assert r["rules_stated_in_question"] == 0.0 and r["first_step_exact"] == 0.0
+    assert r["steps_exact_in_place"] == pytest.approx(len(recs) / sum(len(x["steps"]) for x in recs))  # last lines
+    assert r["answer_consistent_with_own_last_step"] == 1.0
+    with pytest.raises(ValueError, match="one generated text per record"):
+        pc.check(recs, gold[:-1])
+
+
+def test_prontoqa_cot_check_runs_on_an_export(tmp_path):
+    import prontoqa_cot_check as pc
+
+    from latent_jax.cli import main
+    out = tmp_path / "run"
+    assert main(["train", str(ROOT / "configs/repro/prontoqa_cot.yaml"), "data.train_n=16", "data.select=valid",
+                 "data.valid_n=4", "train.epochs=1", "train.batch_size=8", "train.progress=false",
+                 "model.overrides.n_layers=1", "model.overrides.d_model=32", "model.overrides.head_dim=8",
+                 "model.overrides.d_ff=64", "eval.batch_size=4", "eval.max_new_tokens=4", f"output_dir={out}"]) == 0
+    report = pc.main([str(out / "export"), "--n", "5", "--max-new-tokens", "6", "--out", str(tmp_path / "r.json")])
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved == report and report["n"] == 5 and 0 <= report["accuracy"] <= 1
+    assert 0 <= report["answer_consistent_with_own_last_step"] <= 1 and "prontoqa_cot_check.py" in report["command"]

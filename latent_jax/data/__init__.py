@@ -3,7 +3,8 @@ conversion and the ``load_dataset`` registry. Pure Python (numpy-free); see ``re
 from .gsm8k import ConversionReport, convert_answer, convert_gsm8k
 from .multiplication import generate_multiplication, multiplication_line, multiplication_record, parse_operands
 from .paths import data_dirs, find_data_file
-from .prontoqa import generate_prontoqa, parse_prontoqa_question, prontoqa_stats, verify_prontoqa
+from .prontoqa import (generate_prontoqa, parse_prontoqa_question, parse_prontoqa_rule, prontoqa_stats,
+                       verify_prontoqa)
 from .prosqa import generate_prosqa, parse_prosqa_question, prosqa_stats, verify_prosqa
 from .records import (
     DataFormatError,
@@ -25,7 +26,7 @@ __all__ = [
     "DATASETS", "ConversionReport", "DataFormatError", "DatasetInfo", "Record", "canonical_name", "convert_answer",
     "convert_gsm8k", "data_dirs", "find_data_file", "format_icot_line", "generate_multiplication",
     "generate_prontoqa", "generate_prosqa", "ks_2samp", "load_dataset", "multiplication_line",
-    "multiplication_record", "parse_icot_line", "parse_operands", "parse_prontoqa_question",
+    "multiplication_record", "parse_icot_line", "parse_operands", "parse_prontoqa_question", "parse_prontoqa_rule",
     "parse_prosqa_question", "prontoqa_stats", "prosqa_stats", "read_icot_text", "read_json_records",
     "read_records", "split_steps", "validate_record", "verify_prontoqa", "verify_prosqa", "write_icot_text",
     "write_json_records",

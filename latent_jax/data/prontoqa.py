@@ -101,13 +101,22 @@ def parse_prontoqa_question(question: str) -> tuple[list[tuple[str, str, bool]],
         if pm and pm.group(1) == name:
             types.append(pm.group(2))
             continue
-        m = _RULE.fullmatch(sentence)
-        if not m:
+        rule = parse_prontoqa_rule(sentence)
+        if rule is None:
             raise ValueError(f"not a ProntoQA sentence: {sentence!r}")
-        subj = m.group(1) or _SINGULAR.get(m.group(2).lower(), m.group(2).lower())
-        obj = m.group(4) if m.group(1) else _SINGULAR.get(m.group(4), m.group(4))
-        rules.append((subj, obj, m.group(3) is not None))
+        rules.append(rule)
     return rules, types, (name, qm.group(3), qm.group(2) is not None)
+
+
+def parse_prontoqa_rule(sentence: str) -> tuple[str, str, bool] | None:
+    """``(concept, concept-or-property, negated)`` of one rule sentence (``Every tumpus is a gorpus``, ``Tumpuses
+    are not hot``; a final period is allowed), in singular form; None if the sentence is not a rule."""
+    m = _RULE.fullmatch(sentence.strip().removesuffix("."))
+    if not m:
+        return None
+    subj = m.group(1) or _SINGULAR.get(m.group(2).lower(), m.group(2).lower())
+    obj = m.group(4) if m.group(1) else _SINGULAR.get(m.group(4), m.group(4))
+    return subj, obj, m.group(3) is not None
 
 
 def verify_prontoqa(record: Record) -> list[str]:
