@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import re
 import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from latent_jax.data import parse_prontoqa_question, parse_prontoqa_rule
 
@@ -30,10 +27,9 @@ def written_rules(line: str) -> list[tuple[str, str, bool]]:
     return [r for r in map(parse_prontoqa_rule, re.split(r"(?<=\.)\s+", line.strip())) if r is not None]
 
 
-def implied_answer(question: str, cot_lines: list[str]) -> str:
+def implied_answer(claim_negated: bool, cot_lines: list[str]) -> str:
     """The answer a CoT's last line implies for the question's claim (`True or false: Alex is (not) happy.`):
     True iff both say `not` or neither does."""
-    claim_negated = parse_prontoqa_question(question)[2][2]
     last = cot_lines[-1] if cot_lines else ""
     return "True" if claim_negated == (" not " in f" {last} ") else "False"
 
@@ -46,13 +42,13 @@ def check(records: list[dict], generated: list[str]) -> dict:
     consistent = first = whole = in_place = gold_steps = stated = written = 0
     for r, text in zip(records, generated):
         body = [line for line in text.split("\n") if line.strip() and not line.startswith("###")]
-        consistent += text.split("#")[-1].strip() == implied_answer(r["question"], body)
+        context, _, (_, _, claim_negated) = parse_prontoqa_question(r["question"])
+        consistent += text.split("#")[-1].strip() == implied_answer(claim_negated, body)
         gold = r["steps"]
         gold_steps += len(gold)
         in_place += sum(a == b for a, b in zip(body, gold))
         first += bool(body) and body[0] == gold[0]
         whole += body == gold
-        context = set(parse_prontoqa_question(r["question"])[0])
         for line in body:
             for rule in written_rules(line):
                 written += 1

@@ -151,12 +151,12 @@ def verify_prontoqa(record: Record) -> list[str]:
         if not m or m.group(1) != name or m.group(3) not in sentences:
             problems.append(f"step {i} is not 'Name is a X. <fact>': {step!r}")
             break
-        rule = _RULE.fullmatch(m.group(3))
-        subj = rule.group(1) or _SINGULAR.get(rule.group(2).lower()) if rule else None
-        if subj != m.group(2) or (cur is not None and cur != m.group(2)) or (i == 0 and m.group(2) not in types):
+        rule = parse_prontoqa_rule(m.group(3))
+        if rule is None or rule[0] != m.group(2) or (cur is not None and cur != m.group(2)) \
+                or (i == 0 and m.group(2) not in types):
             problems.append(f"step {i} does not follow the chain: {step!r}")
             break
-        cur = rule.group(4) if rule.group(1) else _SINGULAR.get(rule.group(4), rule.group(4))
+        cur = rule[1]
     final = f"{name} is {'not ' if True in derived else ''}{prop}."
     if not record["steps"] or record["steps"][-1] != final:
         problems.append(f"last step should be {final!r}")
