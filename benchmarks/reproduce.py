@@ -2,7 +2,7 @@
 the same model and budget, evaluated on the real validation files.
 
     python benchmarks/reproduce.py --write-configs            # (re)write configs/repro/*.yaml from the table below
-    python benchmarks/reproduce.py [--profile cpu|gpu] [--only prosqa_coconut,mult4_icot_si] [--list]
+    python benchmarks/reproduce.py [--profile cpu|gpu|lab] [--only prosqa_coconut,mult4_icot_si] [--list]
 
 Each run is `latent-jax train configs/repro/NAME.yaml` in a subprocess (writes runs/repro/NAME/), then its summary
 goes to results/NAME.json (command, seed, model size, epochs, wall time) and the table of every finished run to
@@ -50,7 +50,7 @@ QA_METHODS = {
 MULT_METHODS = {k: QA_METHODS[k] for k in ("cot", "no_cot", "icot_si")}
 # One budget for every method of a task (records, epochs, batch, lr); the curriculum of Coconut and its ablations
 # uses epochs_per_stage, iCoT-SI its own removal schedule over the same epochs.
-PROFILES = {
+PROFILES = {  # (the lab profile's budgets are LAB_BUDGETS below)
     "cpu": {"model": {"family": "gpt2", "size": "small", "compact_vocab": True,
                       "overrides": {"n_layers": 2, "d_model": 128, "n_heads": 4, "n_kv_heads": 4, "head_dim": 32,
                                     "d_ff": 512, "max_positions": 1024}},
@@ -79,15 +79,64 @@ TASK_BUDGETS = {
 SELECT_LABEL = {"valid": "the reported file", "generated": "held-out generated"}
 
 
-def experiments() -> dict[str, tuple[str, dict]]:
+# The lab (`--profile lab`, issue 15): from-scratch regimes where the published effects show on 2 CPU cores.
+# Symbolic ProsQA (one token per node) on two rungs of the size ladder, every method at one budget per rung; the
+# real-size rung reports prosqa/valid.json, the small rung 300 generated held-out questions. Multiplication: CoT /
+# No-CoT / iCoT-SI on 3x3 (generated held-out questions) and 4x4 (the real file). Token Assorted is left out of
+# the symbolic rungs: its VQ-VAE compresses 16-token CoT chunks and a symbolic CoT has at most 12 tokens.
+LAB_TASKS = {
+    "sym_small": {"data": {"task": "prosqa", "encoding": "symbolic", "rung": "small"}, "max_new_tokens": 16},
+    "sym_real": {"data": {"task": "prosqa", "encoding": "symbolic"}, "max_new_tokens": 24},
+    "mult3": {"data": {"task": "mult3"}, "max_new_tokens": 64},
+    "mult4": {"data": {"task": "mult4"}, "max_new_tokens": 96},
+}
+LAB_QA = {k: v for k, v in QA_METHODS.items() if k != "token_assorted"}
+LAB_QA.update({m: {**LAB_QA[m], "max_latent_stage": 4, "pad_latent_to_max": True}
+               for m in ("coconut", "no_curriculum", "pause_as_thought")})
+LAB_QA["no_thought"] = {**LAB_QA["no_thought"], "max_latent_stage": 4}
+_LAB_MODEL = {"family": "gpt2", "size": "small", "overrides": {"n_layers": 2, "d_model": 128, "n_heads": 4,
+                                                               "n_kv_heads": 4, "head_dim": 32, "d_ff": 512}}
+_LAB_TRAIN = {"batch_size": 64, "lr": 3e-3, "warmup_steps": 100, "schedule": "cosine", "weight_decay": 0.01,
+              "grad_clip": 1.0, "bucket": 32, "seed": 0, "checkpoint_every_steps": 200}
+LAB_BUDGETS = {  # one budget per task: records, epochs (Coconut: epochs_per_stage), max_positions
+    "sym_small": {"train_n": 8000, "train": {"epochs": 12, "epochs_per_stage": 2}, "max_positions": 256},
+    "sym_real": {"train_n": 16000, "train": {"epochs": 16, "epochs_per_stage": 3}, "max_positions": 256},
+    "mult3": {"train_n": 8000, "train": {"epochs": 16, "bucket": 16}, "max_positions": 512},
+    "mult4": {"train_n": 16000, "train": {"epochs": 16, "bucket": 16}, "max_positions": 512},
+}
+LAB_CONFIGS = REPO / "configs" / "lab"
+
+
+def experiments(profile: str = "cpu") -> dict[str, tuple[str, dict]]:
     out = {}
-    for task in TASKS:
-        for m, opts in (MULT_METHODS if task.startswith("mult") else QA_METHODS).items():
+    tasks = LAB_TASKS if profile == "lab" else TASKS
+    for task in tasks:
+        methods = MULT_METHODS if task.startswith("mult") else LAB_QA if profile == "lab" else QA_METHODS
+        for m, opts in methods.items():
             out[f"{task}_{m}"] = (task, opts)
     return out
 
 
+def lab_config(name: str) -> dict:
+    task, method = experiments("lab")[name]
+    t, budget = LAB_TASKS[task], LAB_BUDGETS[task]
+    symbolic = t["data"].get("encoding") == "symbolic"
+    model = {**_LAB_MODEL, "overrides": {**_LAB_MODEL["overrides"], "max_positions": budget["max_positions"]}}
+    if not symbolic:
+        model["compact_vocab"] = True
+    cfg = {"name": f"lab_{name}", "output_dir": f"runs/lab/{name}", "model": model, "method": dict(method),
+           "data": {**t["data"], "train_source": "generated", "train_n": budget["train_n"], "seed": 0,
+                    "select": "generated", "select_n": 300},
+           "train": {**_LAB_TRAIN, **budget["train"]},
+           "eval": {"batch_size": 300 if symbolic else 100, "max_new_tokens": t["max_new_tokens"]}}
+    if not symbolic:
+        cfg["tokenizer"] = "gpt2"
+    return cfg
+
+
 def config_for(name: str, profile: str) -> dict:
+    if profile == "lab":
+        return lab_config(name)
     task, method = experiments()[name]
     prof = PROFILES[profile]
     budget = TASK_BUDGETS[profile].get(task, {})
@@ -99,11 +148,17 @@ def config_for(name: str, profile: str) -> dict:
             "eval": {"batch_size": 100, "max_new_tokens": TASKS[task]["max_new_tokens"]}}
 
 
+def config_dir(profile: str) -> pathlib.Path:
+    return LAB_CONFIGS if profile == "lab" else CONFIGS
+
+
 def write_configs() -> None:
-    CONFIGS.mkdir(parents=True, exist_ok=True)
-    for name in experiments():
-        text = f"# benchmarks/reproduce.py --write-configs (profile cpu; --profile gpu overrides the budget)\n"
-        (CONFIGS / f"{name}.yaml").write_text(text + yaml.safe_dump(config_for(name, "cpu"), sort_keys=False))
+    for profile, folder in (("cpu", CONFIGS), ("lab", LAB_CONFIGS)):
+        folder.mkdir(parents=True, exist_ok=True)
+        text = (f"# benchmarks/reproduce.py --write-configs (profile {profile}"
+                + ("; --profile gpu overrides the budget)\n" if profile == "cpu" else ")\n"))
+        for name in experiments(profile):
+            (folder / f"{name}.yaml").write_text(text + yaml.safe_dump(config_for(name, profile), sort_keys=False))
 
 
 def overrides(cfg: dict, prefix: str = "") -> list[str]:
@@ -123,15 +178,16 @@ def run_one(name: str, profile: str, fresh: bool = False) -> dict:
     cfg = config_for(name, profile)
     if fresh:
         shutil.rmtree(REPO / cfg["output_dir"], ignore_errors=True)
-    cmd = [sys.executable, "-m", "latent_jax", "train", str((CONFIGS / f"{name}.yaml").relative_to(REPO))]
-    if profile != "cpu":
+    cmd = [sys.executable, "-m", "latent_jax", "train", str((config_dir(profile) / f"{name}.yaml").relative_to(REPO))]
+    if profile == "gpu":
         cmd += overrides({k: cfg[k] for k in ("output_dir", "model", "data", "train")})
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=REPO)
     summary = json.loads((REPO / cfg["output_dir"] / "result.json").read_text())
     keep = ("method", "task", "select", "accuracy", "mean_generated_tokens", "seconds_per_question", "model_params",
-            "train_records", "valid_records", "epochs", "eval_stage", "history")
+            "train_records", "valid_records", "epochs", "eval_stage", "history", "train_seconds")
     result = {"name": name, "profile": profile, **{k: summary.get(k) for k in keep},
+              "data": {k: cfg["data"].get(k) for k in ("task", "encoding", "rung", "train_n")},
               "seed": cfg["train"]["seed"], "command": "python " + " ".join(cmd[1:]), "wall_seconds": time.time() - t0}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{profile}_{name}.json").write_text(json.dumps(result, indent=2))
@@ -149,10 +205,59 @@ def table(profile: str) -> str:
     return "\n".join([head, *lines])
 
 
+LAB_MARK, LAB_README_MARK = "<!-- lab-table -->", "<!-- readme-lab-table -->"
+REPORTED = {"sym_small": "300 generated held-out (rung small)", "sym_real": "prosqa/valid.json (real)",
+            "mult3": "generated held-out (3x3)", "mult4": "4x4_valid.txt (real)"}
+
+
+def lab_table() -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("lab_*.json"))]
+    order = {n: i for i, n in enumerate(experiments("lab"))}
+    rows.sort(key=lambda r: order.get(r["name"], 1e9))
+    head = ("| task | method | accuracy | reported on | params | train records | epochs | train time |\n"
+            "|---|---|---|---|---|---|---|---|")
+    lines = [f"| {r['name'][:-len(r['method']) - 1]} | {r['method']} | {100 * r['accuracy']:.1f}% | "
+             f"{REPORTED.get(r['name'][:-len(r['method']) - 1], '?')} | {r['model_params'] / 1e6:.2f}M | "
+             f"{r['train_records']} | {r['epochs']} | {(r.get('train_seconds') or r['wall_seconds']) / 60:.1f} min |"
+             for r in rows]
+    return "\n".join([head, *lines])
+
+
+def plot_lab() -> list[pathlib.Path]:
+    """results/lab_<task>_accuracy_vs_time.png: held-out accuracy per epoch against training time, per method."""
+    from latent_jax.plots import plot_accuracy_vs_time
+
+    out = []
+    for task in LAB_TASKS:
+        runs = {}
+        for name in experiments("lab"):
+            p = RESULTS / f"lab_{name}.json"
+            if name.startswith(task + "_") and p.exists():
+                r = json.loads(p.read_text())
+                runs[r["method"]] = r["history"]
+        if runs:
+            out.append(plot_accuracy_vs_time(runs, RESULTS / f"lab_{task}_accuracy_vs_time.png",
+                                             f"{task}: accuracy on held-out generated questions per epoch"))
+    return out
+
+
 def publish(profile: str) -> None:
+    if profile == "lab":
+        t = lab_table()
+        (RESULTS / "LAB.md").write_text(f"# latent_jax lab (2 CPU cores, from scratch)\n\n{t}\n")
+        _replace_between(t, LAB_MARK, LAB_README_MARK)
+        try:
+            plot_lab()
+        except ImportError:  # matplotlib is optional
+            pass
+        return
     t = table(profile)
     (RESULTS / "README.md").write_text(f"# latent_jax reproduction ({profile} profile)\n\n{t}\n")
-    for doc, mark in ((REPO / "BUILD_NOTES.md", MARK), (REPO / "README.md", README_MARK)):
+    _replace_between(t, MARK, README_MARK)
+
+
+def _replace_between(t: str, notes_mark: str, readme_mark: str) -> None:
+    for doc, mark in ((REPO / "BUILD_NOTES.md", notes_mark), (REPO / "README.md", readme_mark)):
         text = doc.read_text() if doc.exists() else ""
         if text.count(mark) == 2:
             a, b = text.index(mark), text.rindex(mark) + len(mark)
@@ -161,7 +266,7 @@ def publish(profile: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
+    ap.add_argument("--profile", default="cpu", choices=sorted([*PROFILES, "lab"]))
     ap.add_argument("--only", default=None, help="comma-separated experiment names (see --list)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--write-configs", action="store_true")
@@ -171,10 +276,11 @@ def main() -> None:
     if args.write_configs:
         write_configs()
         return
-    names = list(experiments()) if args.only is None else args.only.split(",")
-    unknown = sorted(set(names) - set(experiments()))
+    valid = experiments(args.profile)
+    names = list(valid) if args.only is None else args.only.split(",")
+    unknown = sorted(set(names) - set(valid))
     if unknown:
-        raise SystemExit(f"unknown experiment(s) {unknown}; valid: {sorted(experiments())}")
+        raise SystemExit(f"unknown experiment(s) {unknown} for profile {args.profile}; valid: {sorted(valid)}")
     if args.list:
         print("\n".join(names))
         return

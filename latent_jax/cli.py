@@ -2,7 +2,7 @@
 
     latent-jax info --model PATH_OR_HUB_ID
     latent-jax generate --model PATH_OR_HUB_ID [--tokenizer PATH|gpt2] --prompt TEXT [--prompt TEXT ...]
-    latent-jax train [CONFIG] [key=value ...] [--model PATH_OR_HUB_ID]   (default CONFIG: prosqa_coconut_cpu)
+    latent-jax train [CONFIG] [key=value ...] [--model PATH_OR_HUB_ID]   (default CONFIG: prosqa_symbolic_cpu)
     latent-jax eval CONFIG --model-dir EXPORTED_FOLDER [key=value ...]
     latent-jax export CONFIG [key=value ...] --checkpoint RUN/train/checkpoints --out FOLDER
     latent-jax vqvae CONFIG [key=value ...] [--out FOLDER]   (token_assorted: train + save its VQ-VAE)
@@ -16,13 +16,15 @@ import json
 import sys
 import time
 
+DEFAULT_CONFIG = "prosqa_symbolic_cpu"  # README command one: No-CoT, CoT and Coconut on symbolic ProsQA
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latent-jax", description="Latent reasoning for GPT-2 and Llama in JAX.")
     sub = p.add_subparsers(dest="command", required=True,
                            metavar="{train,eval,export,vqvae,analyze,info,generate,data}")
     t = sub.add_parser("train", help="train + evaluate + export an experiment (YAML config)")
-    t.add_argument("config", nargs="?", default="prosqa_coconut_cpu", help="YAML path or name in configs/")
+    t.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="YAML path or name in configs/")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=3")
     t.add_argument("--model", default=None, help="pretrained HF folder or hub id (sets model.pretrained)")
     e = sub.add_parser("eval", help="evaluate an exported model folder on the config's validation set")
@@ -95,21 +97,34 @@ def _generate(args) -> int:
 
 def _train(args) -> int:
     from latent_jax.distributed import initialize
-    from latent_jax.experiment import format_table, load_config, run_train
+    from latent_jax.experiment import format_table, load_config, run_compare, run_train, valid_is_generated
 
     initialize()  # multi-host: from the environment (launch/*.sh); a no-op for a single process
 
     overrides = list(args.overrides)
     if "=" in args.config:  # `latent-jax train key=value ...` overrides the default config
         overrides.insert(0, args.config)
-        args.config = "prosqa_coconut_cpu"
+        args.config = DEFAULT_CONFIG
     if args.model:
         overrides += [f"model.pretrained={args.model}", "model.compact_vocab=false"]
     cfg = load_config(args.config, overrides)
     d = cfg["data"]
-    print(f"[latent-jax] {cfg['name']}: {cfg['method']['name']} on {d['task']} (train data: {d['train_source']},"
-          f" validation: the real {d['task']} valid file); output in {cfg['output_dir']}", file=sys.stderr)
+    methods = [m["name"] for m in cfg["compare"]] if cfg["compare"] else [cfg["method"]["name"]]
+    valid = ("a generated held-out set" if valid_is_generated(d) else f"the real {d['task']} valid file") + (
+        f", {d['encoding']} encoding" if d["encoding"] != "text" else "") + (f", rung {d['rung']}" if d["rung"] else "")
+    print(f"[latent-jax] {cfg['name']}: {', '.join(methods)} on {d['task']} (train data: {d['train_source']},"
+          f" reported on {valid}); output in {cfg['output_dir']}", file=sys.stderr)
+    if cfg["compare"]:
+        res = run_compare(cfg, on_result=lambda r: print(f"[latent-jax] {r['method']}: {100 * r['accuracy']:.1f}%"
+                                                         f" in {r['wall_seconds']:.0f}s", file=sys.stderr))
+        print()
+        print(format_table(res["rows"]))
+        print()
+        print(res["summary"])
+        print(f"results: {cfg['output_dir']}/compare.json")
+        return 0
     result = run_train(cfg)
+    print()
     print(format_table([result]))
     print(f"result: {cfg['output_dir']}/result.json   model: {result['export']}")
     return 0

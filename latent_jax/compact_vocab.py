@@ -105,8 +105,13 @@ def _split_keep(text: str, sep: str) -> list[str]:
 
 
 def load_any_tokenizer(path) -> Tokenizer | CompactTokenizer:
-    """`load_tokenizer`, restoring a compact vocabulary if the folder holds one."""
+    """`load_tokenizer`, restoring a compact or word (symbolic) vocabulary if the folder holds one."""
+    from latent_jax.word_tokenizer import META as WORD_META
+    from latent_jax.word_tokenizer import WordTokenizer
+
     p = pathlib.Path(str(path))
+    if (p / WORD_META).exists():  # a symbolic-encoding model: its word vocabulary
+        return WordTokenizer.load(p)
     if (p / META).exists():
         meta = json.loads((p / META).read_text())
         tok = CompactTokenizer(load_tokenizer(p), meta["base_ids"])

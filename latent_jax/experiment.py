@@ -21,9 +21,10 @@ SECTIONS = {
               "param_dtype": "float32", "dtype": "float32", "seed": 0},
     "method": {"name": "coconut"},
     "data": {"task": "prosqa", "train_source": "generated", "train_n": None, "train_path": None, "valid_n": None,
-             "valid_path": None, "seed": 0, "select": "valid", "select_n": None},
+             "valid_path": None, "seed": 0, "select": "valid", "select_n": None, "encoding": "text", "rung": None},
     "train": {},
     "eval": {"batch_size": 32, "max_new_tokens": 64, "stage": None},
+    "compare": None,  # a list of method sections: train each at the same budget, one table (`run_compare`)
 }
 REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -69,19 +70,68 @@ def load_config(path_or_name: str | None, overrides: list[str] = ()) -> dict[str
     from latent_jax.methods import method_config
 
     method_config(cfg["method"].get("name", "coconut"), **{k: v for k, v in cfg["method"].items() if k != "name"})
+    if cfg["compare"] is not None:
+        if not (isinstance(cfg["compare"], list) and cfg["compare"]):
+            raise ValueError("compare must be a non-empty list of method sections, e.g. [{name: no_cot}, {name: cot}]")
+        for i, entry in enumerate(cfg["compare"]):
+            if isinstance(entry, str):
+                entry = cfg["compare"][i] = {"name": entry}
+            if not isinstance(entry, dict) or "name" not in entry:
+                raise ValueError(f"compare[{i}] must be a method name or a mapping with a 'name', got {entry!r}")
+            method_config(entry["name"], **{k: v for k, v in entry.items() if k != "name"})
     cfg["name"] = cfg["name"] or (pathlib.Path(path_or_name).stem if path_or_name else "run")
     cfg["output_dir"] = cfg["output_dir"] or f"runs/{cfg['name']}"
     return cfg
 
 
+def valid_is_generated(d: dict) -> bool:
+    """A ProsQA rung other than the real size, or a task without a real file (e.g. 3x3 multiplication, `mult3`),
+    has no real validation file: its reported set is generated (a held-out stream, training questions removed)."""
+    from latent_jax.data import DATASETS, canonical_name, graph_size
+
+    if d["valid_path"] is not None:
+        return False
+    return (d["rung"] is not None and not graph_size(d["rung"]).is_real) or canonical_name(d["task"]) not in DATASETS
+
+
 def _records(cfg: dict):
-    from latent_jax.data import load_dataset
+    """(train, valid) records of the config's task, rung and encoding (`data.encoding: symbolic`: ProsQA written
+    one token per node, `latent_jax.data.symbolic`)."""
+    from latent_jax.data import ENCODINGS, load_dataset
 
     d = cfg["data"]
+    if d["encoding"] not in ENCODINGS:
+        raise ValueError(f"data.encoding must be one of {ENCODINGS}, got {d['encoding']!r}")
+    if d["encoding"] == "symbolic" and d["task"] != "prosqa":
+        raise ValueError(f"data.encoding=symbolic is for ProsQA (its records carry the graph); task is {d['task']!r}")
+    if d["train_path"] is not None and d["train_source"] != "file":
+        raise ValueError(f"data.train_path={d['train_path']!r} is only read with data.train_source=file"
+                         f" (got {d['train_source']!r})")
     train = load_dataset(d["task"], split="train", source=d["train_source"], path=d["train_path"], n=d["train_n"],
-                         seed=d["seed"])
-    valid = load_dataset(d["task"], split="valid", source="file", path=d["valid_path"], n=d["valid_n"])
+                         seed=d["seed"], rung=d["rung"])
+    train, valid = _encode(d, train, "training records"), _valid_records(d)
+    if valid_is_generated(d):  # a generated reported set never holds a training question
+        seen = {r["question"] for r in train}
+        valid = [r for r in valid if r["question"] not in seen]
     return train, valid
+
+
+def _valid_records(d: dict):
+    """The reported records: the real file (or `valid_path`), or a generated held-out set for a smaller rung."""
+    from latent_jax.data import load_dataset
+
+    if valid_is_generated(d):
+        valid = load_dataset(d["task"], split="valid", source="generated", n=d["valid_n"] or 300, seed=d["seed"],
+                             rung=d["rung"])
+    else:
+        valid = load_dataset(d["task"], split="valid", source="file", path=d["valid_path"], n=d["valid_n"])
+    return _encode(d, valid, d["valid_path"] or f"{d['task']} validation records")
+
+
+def _encode(d: dict, records, source: str):
+    from latent_jax.data import symbolic_records
+
+    return symbolic_records(records, source) if d["encoding"] == "symbolic" else records
 
 
 def _select_records(cfg: dict, train_records, valid_records) -> list:
@@ -101,9 +151,12 @@ def _select_records(cfg: dict, train_records, valid_records) -> list:
     n = d["select_n"] or len(valid_records)
     seen = {r["question"] for r in list(train_records) + list(valid_records)}
     size, out = n + n // 10 + 10, []
+    # the validation stream when the reported file is real; another stream when the reported set is generated too
+    split, seed = ("train", d["seed"] + 7919) if valid_is_generated(d) else ("valid", d["seed"])
     while len(out) < n and size <= 16 * n + 100:  # draw more while repeats of seen questions eat the pool
         try:
-            pool = load_dataset(d["task"], split="valid", source="generated", n=size, seed=d["seed"])
+            pool = _encode(d, load_dataset(d["task"], split=split, source="generated", n=size, seed=seed,
+                                           rung=d["rung"]), "selection records")
         except ValueError:  # e.g. more distinct problems asked for than exist
             break
         out, size = [r for r in pool if r["question"] not in seen][:n], 2 * size
@@ -129,16 +182,27 @@ def build(cfg: dict, train_records, valid_records):
     from latent_jax.hf import load_hf, resolve_checkpoint
     from latent_jax.methods import build_method, prepare_model
     from latent_jax.models import init_model
+    from latent_jax.data import symbolic_vocab
     from latent_jax.tokenizer import load_tokenizer
+    from latent_jax.word_tokenizer import META as WORD_META
+    from latent_jax.word_tokenizer import WordTokenizer
 
     m = cfg["model"]
     pretrained = m["pretrained"]
     folder = resolve_checkpoint(pretrained) if pretrained else None
-    if folder is not None and (pathlib.Path(folder) / COMPACT_META).exists():
+    symbolic = cfg["data"]["encoding"] == "symbolic"
+    if folder is not None and (pathlib.Path(folder) / WORD_META).exists() != symbolic:
+        have, want = ("symbolic", "text") if not symbolic else ("text", "symbolic")
+        raise ValueError(f"model.pretrained={pretrained!r} was trained on the {have} encoding but this config uses"
+                         f" data.encoding={want}: its vocabulary cannot read these records (train from scratch, or"
+                         f" set data.encoding={have})")
+    if symbolic:  # one token per node: the word vocabulary is already compact, `tokenizer` and compact_vocab unused
+        tok = WordTokenizer.load(folder) if folder is not None else WordTokenizer(symbolic_vocab())
+    elif folder is not None and (pathlib.Path(folder) / COMPACT_META).exists():
         tok = load_any_tokenizer(folder)  # our export of a compact-vocabulary model (e.g. the CoT stage to continue
     else:  # from, as Coconut and iCoT-SI do): its vocabulary is the model's, whatever `tokenizer` says
         tok = load_tokenizer(cfg["tokenizer"] or folder or ("gpt2" if m["family"] == "gpt2" else None))
-    if m["compact_vocab"]:
+    if m["compact_vocab"] and not symbolic:
         if pretrained:
             raise ValueError("model.compact_vocab is for random-init models; a pretrained model keeps its vocab")
         texts = [t for r in list(train_records) + list(valid_records)
@@ -203,6 +267,7 @@ def run_train(cfg: dict, progress: bool = True) -> dict:
                "accuracy": final["accuracy"], "mean_generated_tokens": final["mean_generated_tokens"],
                "seconds_per_question": final["seconds_per_question"], "epochs": tcfg.epochs,
                "wall_seconds": time.perf_counter() - t0, "export": str(export), "history": result.history,
+               "train_seconds": result.history[-1].get("train_seconds") if result.history else None,
                "examples": final["examples"], "config": cfg}
     (out / "result.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
@@ -215,16 +280,61 @@ def run_eval(cfg: dict, model_dir: str, progress: bool = True) -> dict:
     from latent_jax.hf import load_hf
     from latent_jax.methods import build_method
 
-    from latent_jax.data import load_dataset
-
-    d = cfg["data"]
-    valid = load_dataset(d["task"], split="valid", source="file", path=d["valid_path"], n=d["valid_n"])
+    valid = _valid_records(cfg["data"])
     tok = load_any_tokenizer(model_dir)
     method = build_method(cfg["method"]["name"], tok, **{k: v for k, v in cfg["method"].items() if k != "name"})
     _, graphdef, params = load_hf(model_dir)
     return evaluate(method, valid, graphdef, params, final_stage(method, cfg), batch_size=cfg["eval"]["batch_size"],
                     max_new_tokens=cfg["eval"]["max_new_tokens"], progress=progress,
                     out_path=pathlib.Path(cfg["output_dir"]) / "eval.json")
+
+
+def run_compare(cfg: dict, progress: bool = True, on_result=None) -> dict:
+    """Train and evaluate every method of `cfg["compare"]` at the config's one budget (data, model, train, eval),
+    each in `{output_dir}/{method}`; returns `{"rows": [result, ...], "summary": sentence}` (also written to
+    `{output_dir}/compare.json`). `on_result(result)` is called after each method (e.g. to print its row)."""
+    rows = []
+    out = pathlib.Path(cfg["output_dir"])
+    for entry in cfg["compare"]:
+        sub = copy.deepcopy(cfg)
+        sub.update(name=f"{cfg['name']}_{entry['name']}", output_dir=str(out / entry["name"]), method=dict(entry),
+                   compare=None)
+        rows.append(run_train(sub, progress=progress))
+        if on_result is not None:
+            on_result(rows[-1])
+    summary = compare_summary(rows, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=2, default=str))
+    return {"rows": rows, "summary": summary}
+
+
+_LATENT = ("coconut", "no_curriculum", "pause_as_thought", "no_thought", "pause", "icot_si", "lt_tuning",
+           "token_assorted", "soft_thinking")
+
+
+def compare_summary(rows: list[dict], cfg: dict) -> str:
+    """One sentence saying what a comparison shows, from its numbers: the best latent method against the best
+    explicit baseline (CoT / No-CoT) and against answering directly."""
+    acc = {r["method"]: 100 * r["accuracy"] for r in rows}
+    d = cfg["data"]
+    where = f"{rows[0]['valid_records']} held-out {d['task']} questions" + (
+        f" ({d['encoding']} encoding, rung {d['rung'] or 'real'})" if d["encoding"] != "text" or d["rung"] else "")
+    latent = [m for m in acc if m in _LATENT]
+    base = [m for m in acc if m not in _LATENT]
+    if not latent or not base:
+        best = max(acc, key=acc.get)
+        return f"On {where}, {best} is best with {acc[best]:.1f}%."
+    lm = max(latent, key=acc.get)
+    bm = max(base, key=acc.get)
+    gap = acc[lm] - acc[bm]
+    direct = f"; answering directly (no_cot) gets {acc['no_cot']:.1f}%" if "no_cot" in acc and bm != "no_cot" else ""
+    if gap > 0:
+        verdict = f"{lm} reasons in latent space better than any written baseline: {acc[lm]:.1f}% against" \
+                  f" {bm}'s {acc[bm]:.1f}% (+{gap:.1f} points){direct}."
+    else:
+        verdict = f"no latent method beats the written baselines here: {lm} {acc[lm]:.1f}% against {bm}'s" \
+                  f" {acc[bm]:.1f}% ({gap:+.1f} points){direct}."
+    return f"On {where}, {verdict}"
 
 
 def format_table(rows: list[dict]) -> str:

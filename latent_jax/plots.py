@@ -114,3 +114,22 @@ def plot_value_scatter(result: dict[str, Any], out_png, seed: int = 0) -> pathli
     axes[0].set_ylabel("node score (probability mass)")
     axes[0].legend(fontsize=7)
     return _save(fig, out_png)
+
+
+def plot_accuracy_vs_time(runs: dict[str, list[dict]], out_png, title: str = "") -> pathlib.Path:
+    """Held-out accuracy after each epoch against cumulative training time, one line per run. `runs` maps a label
+    to a run's `history` (entries with `train_seconds` and `accuracy`, as the trainer writes them)."""
+    fig, (ax,) = _figure(1, width=6.0, height=4.0)
+    for label, history in runs.items():
+        pts = [(h["train_seconds"] / 60, 100 * h["accuracy"]) for h in history
+               if "train_seconds" in h and "accuracy" in h]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", markersize=3, label=label)
+    ax.set_xlabel("training time (min, 2 CPU cores)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, out_png)

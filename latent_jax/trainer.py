@@ -223,7 +223,7 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
     best_ckpt = Checkpointer(f"{out}/best", 1) if out and eval_fn is not None else None
     bar = tqdm(total=total_steps, disable=not (main and cfg.progress), desc="train", dynamic_ncols=True)
     try:  # from here on, pending checkpoints are committed and closed whatever happens
-        step, epoch, micro, history = 0, 0, 0, []
+        step, epoch, micro, history, elapsed, t_start = 0, 0, 0, [], 0.0, time.perf_counter()
         best_acc, best_params, epoch_loss, epoch_tokens, last_stage = None, None, 0.0, 0, None
         restored = ckpt.latest_step() if ckpt else None
         if restored is not None:
@@ -234,7 +234,7 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
             check_compatible(meta, model_cfg.to_dict(), trajectory, ckpt.directory / str(restored))
             step, epoch, micro, history = meta["step"], meta["epoch"], meta["micro"], meta["history"]
             best_acc, epoch_loss, epoch_tokens = meta["best_accuracy"], meta["epoch_loss"], meta["epoch_tokens"]
-            last_stage = meta.get("last_stage")
+            last_stage, elapsed = meta.get("last_stage"), meta.get("train_seconds", 0.0)
             if meta.get("method_state") is not None and hasattr(method, "set_state"):
                 method.set_state(meta["method_state"])
             params, opt_state = ckpt.restore(restored, abstract_like(params), abstract_like(opt_state))
@@ -251,6 +251,7 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
             meta = dict(step=step, epoch=epoch, micro=micro, stage=stage_at(epoch, micro), last_stage=last_stage,
                         method_state=method.get_state() if hasattr(method, "get_state") else None, history=history,
                         best_accuracy=best_acc, epoch_loss=epoch_loss, epoch_tokens=epoch_tokens, seed=cfg.seed,
+                        train_seconds=elapsed + time.perf_counter() - t_start,
                         model_config=model_cfg.to_dict(), train_config=trajectory, train_config_full=cfg.to_dict())
             ckpt.save(step, params, meta, opt_state, data_iter)
 
@@ -302,7 +303,8 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
                     save(it)
                 if on_step is not None:
                     on_step(rec)
-            entry = dict(epoch=epoch, stage=stage, step=step, train_loss=epoch_loss / max(epoch_tokens, 1))
+            entry = dict(epoch=epoch, stage=stage, step=step, train_loss=epoch_loss / max(epoch_tokens, 1),
+                         train_seconds=elapsed + time.perf_counter() - t_start)  # cumulative, across resumes
             if eval_fn is not None and (cfg.eval_every_epoch or epoch == cfg.epochs - 1):
                 result = eval_fn(graphdef, params, stage)
                 if "accuracy" not in result:

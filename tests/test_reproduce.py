@@ -111,3 +111,58 @@ def test_generation_budget_fits_the_longest_validation_cot(task):
         pytest.skip(f"no validation file here: {e}")
     longest = max(len(tok.encode("\n".join(r["steps"]) + "\n### " + r["answer"])) + 1 for r in valid)
     assert reproduce.TASKS[task]["max_new_tokens"] >= longest, (task, longest)
+
+
+def test_lab_profile_configs_are_current_load_and_share_one_budget_per_task():
+    names = sorted(reproduce.experiments("lab"))
+    assert sorted(p.stem for p in reproduce.LAB_CONFIGS.glob("*.yaml")) == names
+    for name in names:
+        path = reproduce.LAB_CONFIGS / f"{name}.yaml"
+        assert yaml.safe_load(path.read_text()) == reproduce.config_for(name, "lab"), f"stale {path}: --write-configs"
+        cfg = load_config(str(path))
+        assert cfg["data"]["select"] == "generated" and cfg["output_dir"] == f"runs/lab/{name}"
+    for task in reproduce.LAB_TASKS:
+        budgets = {json.dumps([reproduce.config_for(n, "lab")[k] for k in ("train", "model")]) for n in names
+                   if n.startswith(task + "_")}
+        assert len(budgets) == 1, task
+    assert {"sym_small_coconut", "sym_real_coconut", "sym_real_no_thought", "sym_real_pause_as_thought",
+            "sym_real_no_curriculum", "mult3_icot_si", "mult4_icot_si", "mult4_no_cot"} <= set(names)
+    assert reproduce.config_for("sym_real_cot", "lab")["data"]["encoding"] == "symbolic"
+
+
+@pytest.mark.parametrize("task", [t for t in reproduce.LAB_TASKS if t.startswith("sym")])
+def test_lab_generation_budget_fits_the_longest_symbolic_cot(task):
+    from latent_jax.experiment import _records, load_config
+    from latent_jax.word_tokenizer import WordTokenizer
+    from latent_jax.data import symbolic_vocab
+
+    cfg = load_config(str(reproduce.LAB_CONFIGS / f"{task}_cot.yaml"), ["data.train_n=1", "data.valid_n=300"])
+    try:
+        _, valid = _records(cfg)
+    except FileNotFoundError as e:
+        pytest.skip(f"no validation file here: {e}")
+    tok = WordTokenizer(symbolic_vocab())
+    longest = max(len(tok.encode("\n".join(r["steps"]) + "\n### " + r["answer"])) + 1 for r in valid)
+    assert reproduce.LAB_TASKS[task]["max_new_tokens"] >= longest
+    prompt = max(len(tok.encode(r["question"] + "\n")) for r in valid)
+    assert prompt + longest + 8 <= reproduce.LAB_BUDGETS[task]["max_positions"]
+
+
+def test_lab_results_become_table_and_plot(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(reproduce, "REPO", tmp_path)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "README.md").write_text(f"# R\n{reproduce.LAB_README_MARK}\n{reproduce.LAB_README_MARK}\n")
+    for method, acc in (("no_cot", 0.6), ("coconut", 0.97)):
+        hist = [{"epoch": e, "accuracy": acc * (e + 1) / 3, "train_seconds": 60.0 * (e + 1)} for e in range(3)]
+        (tmp_path / "results" / f"lab_sym_small_{method}.json").write_text(json.dumps(
+            {"name": f"sym_small_{method}", "method": method, "accuracy": acc, "model_params": 4e5,
+             "train_records": 8000, "epochs": 3, "wall_seconds": 200, "train_seconds": 180.0, "history": hist}))
+    reproduce.publish("lab")
+    text = (tmp_path / "README.md").read_text()
+    assert "| sym_small | coconut | 97.0% | 300 generated held-out (rung small) |" in text
+    assert text.index("| sym_small | no_cot |") < text.index("| sym_small | coconut |")  # the table's order
+    assert "3.0 min" in text
+    png = tmp_path / "results" / "lab_sym_small_accuracy_vs_time.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

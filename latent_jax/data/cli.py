@@ -1,7 +1,7 @@
 """``latent-jax data ...``: generate training sets, compare them with the real files, list the datasets.
 
     latent-jax data generate TASK --n N --seed S --out FILE   # prosqa, prontoqa, gsm8k, mult4 ... mult9
-    latent-jax data stats TASK [--n N] [--seed S]             # real-vs-generated statistics table
+    latent-jax data stats TASK [--n N] [--seed S] [--rung R]  # real-vs-generated statistics (+ prosqa: the ladder)
     latent-jax data list
 
 The top-level CLI calls :func:`main` with the arguments after ``data``.
@@ -15,7 +15,7 @@ import time
 from .paths import find_data_file
 from .records import read_json_records, read_records, write_icot_text, write_json_records
 from .registry import DATASETS, canonical_name, generator_for, load_dataset
-from .stats import STATS, comparison_rows, markdown_table
+from .stats import STATS, comparison_rows, ladder_table, markdown_table
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("task", help="prosqa | prontoqa | gsm8k | mult4 | mult5 | mult7 | mult9 (any multN, N >= 2)")
     g.add_argument("--n", type=int, default=None, help="number of records (default: the task's training size)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--rung", default=None, help="prosqa: a graph size of the ladder (tiny, small, medium, real)")
+    g.add_argument("--encoding", choices=("text", "symbolic"), default="text",
+                   help="prosqa: symbolic writes one token per node (latent_jax.data.symbolic)")
     g.add_argument("--out", required=True, help="output file")
     g.add_argument("--format", choices=("json", "icot"), default=None,
                    help="default: icot for multiplication, json otherwise")
@@ -32,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("task")
     s.add_argument("--n", type=int, default=20000)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--rung", default=None, help="prosqa: compare one rung of the size ladder (default: real size)")
     sub.add_parser("list", help="list the datasets")
     return p
 
@@ -49,7 +53,12 @@ def _generate(args: argparse.Namespace) -> int:
                 raise ValueError(f"asked for {args.n} records but only {len(records)} GSM8k records are usable")
             records = records[: args.n]
     else:
-        records = load_dataset(name, "train", "generated", n=args.n, seed=args.seed)
+        records = load_dataset(name, "train", "generated", n=args.n, seed=args.seed, rung=args.rung)
+        if args.encoding == "symbolic":
+            if name != "prosqa":
+                raise ValueError(f"--encoding symbolic is for prosqa, not {name}")
+            from .symbolic import symbolic_records
+            records = symbolic_records(records, "generated records")
     fmt = args.format or ("icot" if name.startswith("mult") else "json")
     count = (write_icot_text if fmt == "icot" else write_json_records)(records, args.out)
     print(f"wrote {count} {name} records to {args.out} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
@@ -62,10 +71,14 @@ def _stats(args: argparse.Namespace) -> int:
         raise ValueError(f"stats are available for {', '.join(STATS)}; multiplication lines are exact by construction")
     real = read_records(find_data_file(DATASETS[name].valid_file))
     start = time.perf_counter()
-    gen = generator_for(name)(args.n, args.seed)
+    gen = generator_for(name, args.rung)(args.n, args.seed)
     took = time.perf_counter() - start
-    print(markdown_table(comparison_rows(real, gen, name), len(real), len(gen)))
+    what = f" (rung {args.rung}: the real column is the real file's size, for scale)" if args.rung else ""
+    print(markdown_table(comparison_rows(real, gen, name), len(real), len(gen)) + what)
     print(f"\n(generated {len(gen)} records in {took:.1f}s, seed {args.seed})")
+    if name == "prosqa":
+        print(f"\nThe size ladder ({min(args.n, 2000)} generated records a rung; `data.rung` in a config):\n")
+        print(ladder_table(min(args.n, 2000), args.seed))
     return 0
 
 

@@ -14,6 +14,7 @@ the target that leaf, and the negative target a random leaf reachable from the o
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import math
 import random
@@ -41,6 +42,48 @@ _ACCEPT_STEPS = {3: 0.70, 4: 0.90, 5: 1.0, 6: 1.0}
 # Facts and nodes are kept within the ranges seen in the real file.
 FACTS_RANGE = (22, 53)
 NODES_RANGE = (17, 28)
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphSize:
+    """A rung of the ProsQA size ladder: total nodes and path length (hops) ranges, inclusive.
+
+    ``real`` is the size of ``prosqa/valid.json`` (the fitted histograms above); a smaller rung draws its number of
+    concepts uniformly so that the graph has ``nodes`` nodes, and accepts every path length in ``steps``."""
+
+    nodes: tuple[int, int] = NODES_RANGE
+    steps: tuple[int, int] = (MIN_STEPS, MAX_STEPS)
+
+    def __post_init__(self):
+        object.__setattr__(self, "nodes", tuple(self.nodes))
+        object.__setattr__(self, "steps", tuple(self.steps))
+        (n0, n1), (s0, s1) = self.nodes, self.steps
+        if not (4 <= n0 <= n1 <= MAX_NODES and 1 <= s0 <= s1 < n1 - 2):
+            raise ValueError(f"graph size nodes={self.nodes} steps={self.steps} is invalid: need 4 <= nodes low <= "
+                             f"nodes high <= {MAX_NODES} and 1 <= steps low <= steps high < nodes high - 2")
+
+    @property
+    def is_real(self) -> bool:
+        return self == GraphSize()
+
+
+MAX_NODES = 40  # the ladder's maximum graph size (and the symbolic vocabulary's node tokens)
+# The size ladder. `real`: the size of prosqa/valid.json; the others are small enough for 2 CPU cores.
+RUNGS = {"tiny": (6, 8, 2, 3), "small": (8, 12, 2, 4), "medium": (12, 18, 3, 5), "real": (*NODES_RANGE, 3, 6)}
+
+
+def graph_size(rung: str | dict | GraphSize | None) -> GraphSize:
+    """A rung name (``tiny``, ``small``, ``medium``, ``real``), ``{nodes: [lo, hi], steps: [lo, hi]}`` or None (real)."""
+    if rung is None or isinstance(rung, GraphSize):
+        return rung or GraphSize()
+    if isinstance(rung, str):
+        if rung not in RUNGS:
+            raise ValueError(f"unknown ProsQA rung {rung!r}; valid: {sorted(RUNGS)} or {{nodes: [lo, hi], steps: [lo, hi]}}")
+        n0, n1, s0, s1 = RUNGS[rung]
+        return GraphSize((n0, n1), (s0, s1))
+    if isinstance(rung, dict) and set(rung) <= {"nodes", "steps"}:
+        return GraphSize(tuple(rung.get("nodes", NODES_RANGE)), tuple(rung.get("steps", (MIN_STEPS, MAX_STEPS))))
+    raise ValueError(f"a ProsQA rung is a name {sorted(RUNGS)} or {{nodes: [lo, hi], steps: [lo, hi]}}, got {rung!r}")
 
 
 def _cum(weights: Any) -> list[float]:
@@ -86,10 +129,14 @@ def _recent_sample(rng: random.Random, pool: list[int], k: int) -> list[int]:
     return chosen
 
 
-def _sample_dag(rng: random.Random) -> tuple[int, list[list[int]], list[int]]:
+def _sample_dag(rng: random.Random, size: GraphSize) -> tuple[int, list[list[int]], list[int]]:
     """Return (number of nodes, parents of each node, person nodes)."""
-    m = _pick(rng, _M_VALUES, _M_CUM)
     e = min(_poisson(rng, _EXTRA_PEOPLE_RATE), 4)
+    if size.is_real:
+        m = _pick(rng, _M_VALUES, _M_CUM)
+    else:
+        e = min(e, max(size.nodes[0] // 6, 0))
+        m = rng.randint(max(size.nodes[0] - 2 - e, 2), max(size.nodes[1] - 2 - e, 2))
     n = 2 + m + e
     extra = sorted(rng.sample(range(2, n - 1), e))
     extra_set = set(extra)
@@ -161,10 +208,11 @@ def _random_shortest_path(rng: random.Random, parents: list[list[int]], dist: di
     return path[::-1]
 
 
-def _try_question(rng: random.Random) -> Record | None:
-    n, parents, persons = _sample_dag(rng)
+def _try_question(rng: random.Random, size: GraphSize = GraphSize()) -> Record | None:
+    n, parents, persons = _sample_dag(rng, size)
     n_edges = sum(len(ps) for ps in parents)
-    if not (NODES_RANGE[0] <= n <= NODES_RANGE[1] and FACTS_RANGE[0] <= n_edges <= FACTS_RANGE[1]):
+    facts_range = FACTS_RANGE if size.is_real else (size.nodes[0] - 2, 2 * size.nodes[1])
+    if not (size.nodes[0] <= n <= size.nodes[1] and facts_range[0] <= n_edges <= facts_range[1]):
         return None
     children: list[list[int]] = [[] for _ in range(n)]
     for v, ps in enumerate(parents):
@@ -179,7 +227,8 @@ def _try_question(rng: random.Random) -> Record | None:
     dr, do = (d0, d1) if root == 0 else (d1, d0)
     cands = [v for v, d in dr.items() if d == far and not children[v] and v not in do]
     negs = [v for v in do if not children[v] and v not in dr and v != 1 - root]
-    if not (MIN_STEPS <= far <= MAX_STEPS) or not negs or rng.random() > _ACCEPT_STEPS[far]:
+    accept = _ACCEPT_STEPS.get(far, 1.0) if size.is_real else 1.0
+    if not (size.steps[0] <= far <= size.steps[1]) or not negs or rng.random() > accept:
         return None
     target = rng.choice(cands)
     neg = rng.choice(negs)
@@ -204,16 +253,24 @@ def _fact(sym: list[str], a: int, b: int, a_is_person: bool) -> str:
     return f"{sym[a]} is a {sym[b]}." if a_is_person else f"Every {sym[a]} is a {sym[b]}."
 
 
-def generate_prosqa(n: int, seed: int = 0) -> list[Record]:
-    """``n`` ProsQA records (fields and formatting as ``prosqa/valid.json``), deterministic in ``seed``."""
+def generate_prosqa(n: int, seed: int = 0, rung: str | dict | GraphSize | None = None) -> list[Record]:
+    """``n`` ProsQA records (fields and formatting as ``prosqa/valid.json``), deterministic in ``seed``.
+    ``rung``: a graph size of the ladder (:data:`RUNGS`; default the real file's size)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    rng = random.Random(f"prosqa-{seed}")
+    size = graph_size(rung)
+    rng = random.Random(f"prosqa-{seed}" if size.is_real else f"prosqa-{seed}-{size.nodes}-{size.steps}")
     out: list[Record] = []
+    hops = None
     while len(out) < n:
-        rec = _try_question(rng)
+        # a smaller rung draws each record's path length uniformly from its range first, then retries until a graph
+        # has it (short paths would dominate small graphs)
+        if hops is None and not size.is_real:
+            hops = rng.randint(*size.steps)
+        rec = _try_question(rng, size if hops is None else dataclasses.replace(size, steps=(hops, hops)))
         if rec is not None:
             out.append(rec)
+            hops = None
     return out
 
 

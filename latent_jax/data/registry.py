@@ -23,7 +23,7 @@ from .gsm8k import convert_gsm8k
 from .multiplication import generate_multiplication, valid_path
 from .paths import find_data_file
 from .prontoqa import generate_prontoqa
-from .prosqa import generate_prosqa
+from .prosqa import generate_prosqa, graph_size
 from .records import Record, read_json_records, read_records
 
 Split = Literal["train", "valid"]
@@ -73,20 +73,23 @@ def _mult_digits(name: str) -> int | None:
     return int(name[4:]) if name.startswith("mult") else None
 
 
-def generator_for(name: str) -> Callable[[int, int], list[Record]]:
-    """The generator ``(n, seed) -> records`` of a task (ValueError for GSM8k, which has none)."""
+def generator_for(name: str, rung=None) -> Callable[[int, int], list[Record]]:
+    """The generator ``(n, seed) -> records`` of a task (ValueError for GSM8k, which has none). ``rung``: a ProsQA
+    graph size (``latent_jax.data.prosqa.RUNGS``); other tasks have none."""
     digits = _mult_digits(name)
+    if rung is not None and name != "prosqa":
+        raise ValueError(f"a graph-size rung is a ProsQA option; {name} has none (got rung={rung!r})")
     if digits is not None:
         return lambda n, seed: generate_multiplication(n, digits, seed)
     if name == "prosqa":
-        return lambda n, seed: generate_prosqa(n, seed)
+        return lambda n, seed: generate_prosqa(n, seed, rung)
     if name == "prontoqa":
         return lambda n, seed: generate_prontoqa(n, seed)
     raise ValueError(f"{name} has no generator; use source='file' (the original training set is converted)")
 
 
 def load_dataset(name: str, split: Split = "train", source: Source | None = None, path: str | os.PathLike | None = None,
-                 n: int | None = None, seed: int = 0, n_digits: int | None = None) -> list[Record]:
+                 n: int | None = None, seed: int = 0, n_digits: int | None = None, rung=None) -> list[Record]:
     """Return the records of a dataset.
 
     Args:
@@ -97,6 +100,8 @@ def load_dataset(name: str, split: Split = "train", source: Source | None = None
       path: read this file instead of the default one (``.json``: JSON list; otherwise iCoT text).
       n: number of records (generated: default the task's training size; file: the first ``n`` records).
       seed: seed of the generator; generated sets are deterministic in it.
+      rung: ProsQA only: the generator's graph size (a name of ``latent_jax.data.prosqa.RUNGS`` or
+        ``{nodes: [lo, hi], steps: [lo, hi]}``); a rung other than ``real`` has no file, only generated sets.
     """
     name = canonical_name(name, n_digits)
     if split not in ("train", "valid"):
@@ -109,9 +114,11 @@ def load_dataset(name: str, split: Split = "train", source: Source | None = None
         raise ValueError(f"n must be >= 0, got {n}")
     if source == "generated":
         count = info.default_train_n if n is None else n
-        return generator_for(name)(count, seed if split == "train" else -1 - seed)
+        return generator_for(name, rung)(count, seed if split == "train" else -1 - seed)
     if source != "file":
         raise ValueError(f"source must be 'generated' or 'file', got {source!r}")
+    if rung is not None and not graph_size(rung).is_real and path is None:
+        raise ValueError(f"the ProsQA rung {rung!r} has no real file (only the real size does); use source='generated'")
     if path is not None:
         records = read_records(path)
     elif split == "valid":

@@ -67,3 +67,21 @@ def markdown_table(rows: list[dict[str, float | str]], n_real: int, n_gen: int) 
                    f"{row['gen_mean']:.2f} [{row['gen_min']:g}, {row['gen_max']:g}] | {row['ks_d']:.3f} | "
                    f"{row['ks_p']:.3g} |")
     return "\n".join(out)
+
+
+def ladder_table(n: int = 2000, seed: int = 0) -> str:
+    """The ProsQA size ladder (``prosqa.RUNGS``): per rung, its ranges and the statistics of ``n`` generated records,
+    with the symbolic CoT sequence length (question + steps + answer tokens, the methods' separators included)."""
+    from .prosqa import RUNGS, generate_prosqa
+    from .symbolic import symbolic_records
+
+    out = ["| rung | nodes | hops | mean nodes | mean facts | hops histogram | symbolic CoT tokens mean [max] |",
+           "|---|---|---|---|---|---|---|"]
+    for name, (n0, n1, s0, s1) in RUNGS.items():
+        recs = generate_prosqa(n, seed, name)
+        st = prosqa_stats(recs)
+        lens = [len(r["question"].split()) + 2 * len(r["steps"]) + 4 for r in symbolic_records(recs)]
+        hist = " ".join(f"{h}:{st['steps'].count(h)}" for h in range(s0, s1 + 1))
+        out.append(f"| {name} | {n0}-{n1} | {s0}-{s1} | {sum(st['nodes']) / n:.1f} | {sum(st['facts']) / n:.1f} | "
+                   f"{hist} | {sum(lens) / n:.0f} [{max(lens)}] |")
+    return "\n".join(out)
