@@ -42,6 +42,7 @@ def main(argv=None):
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--batches", default="32,64,128,256", help="batch sizes for the compiled-step sweep")
     ap.add_argument("--buckets", default="8,16,32,64", help="bucket sizes for the padding / compile-count sweep")
+    ap.add_argument("--length-groups", default="0,8,32", help="train.length_groups values for the padding sweep")
     ap.add_argument("--peak-n", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--loop-records", type=int, default=2048, help="records in the trainer-loop measurement")
@@ -103,18 +104,20 @@ def main(argv=None):
     out["compiled_step"] = step_rows
 
     pad_rows = []
-    for bucket in (int(x) for x in args.buckets.split(",")):
-        shapes, real, padded = set(), 0, 0
-        for stage in range(final + 1 if final > 1 else 1):
-            it = epoch_iterator(epoch_dataset(method, train_records, epoch=0, stage=stage, seed=0, batch_size=B0,
-                                              uniform_prob=0.0, bucket=bucket, max_len=mcfg.max_positions,
-                                              stage_fn=lambda m, s=stage: s))
-            for b in it:
-                shapes.add((b.tokens.shape, b.prefix_len, b.n_latent))
-                real, padded = real + int(b.mask.sum()), padded + b.mask.size
-            it.close()
-        pad_rows.append({"bucket": bucket, "compiles": len(shapes), "padding_share": round(1 - real / padded, 3)})
-        print(json.dumps(pad_rows[-1]), flush=True)
+    for groups in (int(x) for x in args.length_groups.split(",")):
+        for bucket in (int(x) for x in args.buckets.split(",")):
+            shapes, real, padded = set(), 0, 0
+            for stage in range(final + 1 if final > 1 else 1):
+                it = epoch_iterator(epoch_dataset(method, train_records, epoch=0, stage=stage, seed=0, batch_size=B0,
+                                                  uniform_prob=0.0, bucket=bucket, max_len=mcfg.max_positions,
+                                                  stage_fn=lambda m, s=stage: s, length_groups=groups))
+                for b in it:
+                    shapes.add((b.tokens.shape, b.prefix_len, b.n_latent))
+                    real, padded = real + int(b.mask.sum()), padded + b.mask.size
+                it.close()
+            pad_rows.append({"length_groups": groups, "bucket": bucket, "compiles": len(shapes),
+                             "padding_share": round(1 - real / padded, 3)})
+            print(json.dumps(pad_rows[-1]), flush=True)
     out["bucketing"] = pad_rows
 
     tcfg = TrainConfig.from_dict({**{k: v for k, v in t.items() if k not in ("epochs",)}, "epochs": 1,

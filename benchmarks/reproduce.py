@@ -96,10 +96,10 @@ LAB_QA.update({m: {**LAB_QA[m], "max_latent_stage": 4, "pad_latent_to_max": True
 LAB_QA["no_thought"] = {**LAB_QA["no_thought"], "max_latent_stage": 4}
 _LAB_MODEL = {"family": "gpt2", "size": "small", "overrides": {"n_layers": 2, "d_model": 128, "n_heads": 4,
                                                                "n_kv_heads": 4, "head_dim": 32, "d_ff": 512}}
-_LAB_TRAIN = {"batch_size": 64, "lr": 3e-3, "warmup_steps": 100, "schedule": "cosine", "weight_decay": 0.01,
-              "grad_clip": 1.0, "bucket": 32, "seed": 0, "checkpoint_every_steps": 200}
+_LAB_TRAIN = {"batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "schedule": "cosine", "weight_decay": 0.01,
+              "grad_clip": 1.0, "bucket": 16, "length_groups": 8, "seed": 0, "checkpoint_every_steps": 200}
 LAB_BUDGETS = {  # one budget per task: records, epochs (Coconut: epochs_per_stage), max_positions
-    "sym_small": {"train_n": 8000, "train": {"epochs": 12, "epochs_per_stage": 2}, "max_positions": 256},
+    "sym_small": {"train_n": 16000, "train": {"epochs": 16, "epochs_per_stage": 2}, "max_positions": 256},
     "sym_real": {"train_n": 16000, "train": {"epochs": 16, "epochs_per_stage": 3}, "max_positions": 256},
     "mult3": {"train_n": 8000, "train": {"epochs": 16, "bucket": 16}, "max_positions": 512},
     "mult4": {"train_n": 16000, "train": {"epochs": 16, "bucket": 16}, "max_positions": 512},
@@ -107,11 +107,18 @@ LAB_BUDGETS = {  # one budget per task: records, epochs (Coconut: epochs_per_sta
 LAB_CONFIGS = REPO / "configs" / "lab"
 
 
+# iCoT-SI in the lab: 4 epochs of plain CoT, then 4 CoT tokens removed per epoch (a 3x3 CoT has ~30 GPT-2 tokens).
+LAB_MULT = {**MULT_METHODS, "icot_si": {"name": "icot_si", "pretrain_epochs": 4, "remove_per_epoch": 4}}
+
+
 def experiments(profile: str = "cpu") -> dict[str, tuple[str, dict]]:
     out = {}
     tasks = LAB_TASKS if profile == "lab" else TASKS
     for task in tasks:
-        methods = MULT_METHODS if task.startswith("mult") else LAB_QA if profile == "lab" else QA_METHODS
+        if profile == "lab":
+            methods = LAB_MULT if task.startswith("mult") else LAB_QA
+        else:
+            methods = MULT_METHODS if task.startswith("mult") else QA_METHODS
         for m, opts in methods.items():
             out[f"{task}_{m}"] = (task, opts)
     return out
@@ -172,9 +179,14 @@ def overrides(cfg: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def run_one(name: str, profile: str, fresh: bool = False) -> dict:
+SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def run_one(name: str, profile: str, fresh: bool = False, single_thread: bool = False) -> dict:
     """Train + evaluate one experiment in a subprocess; `fresh` deletes its run folder first (otherwise an
-    unfinished run resumes from its checkpoints, and a finished one would only be re-evaluated)."""
+    unfinished run resumes from its checkpoints, and a finished one would only be re-evaluated). `single_thread`:
+    XLA on one thread (`--jobs 2` runs two experiments at once: on 2 cores, a small model's step is only 1.35x
+    faster on two threads than on one, so two single-threaded runs get ~1.5x the work done)."""
     cfg = config_for(name, profile)
     if fresh:
         shutil.rmtree(REPO / cfg["output_dir"], ignore_errors=True)
@@ -182,7 +194,15 @@ def run_one(name: str, profile: str, fresh: bool = False) -> dict:
     if profile == "gpu":
         cmd += overrides({k: cfg[k] for k in ("output_dir", "model", "data", "train")})
     t0 = time.time()
-    subprocess.run(cmd, check=True, cwd=REPO)
+    env = None
+    if single_thread:
+        import os
+        env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + SINGLE_THREAD).strip()}
+    log = REPO / cfg["output_dir"] / "train.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:  # the run's own log (progress bars off when several run at once)
+        subprocess.run(cmd + (["train.progress=false"] if single_thread else []), check=True, cwd=REPO, env=env,
+                       stdout=f if single_thread else None, stderr=f if single_thread else None)
     summary = json.loads((REPO / cfg["output_dir"] / "result.json").read_text())
     keep = ("method", "task", "select", "accuracy", "mean_generated_tokens", "seconds_per_question", "model_params",
             "train_records", "valid_records", "epochs", "eval_stage", "history", "train_seconds")
@@ -269,6 +289,7 @@ def main() -> None:
     ap.add_argument("--profile", default="cpu", choices=sorted([*PROFILES, "lab"]))
     ap.add_argument("--only", default=None, help="comma-separated experiment names (see --list)")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--jobs", type=int, default=1, help="experiments at once (> 1: each on one XLA thread)")
     ap.add_argument("--write-configs", action="store_true")
     ap.add_argument("--force", action="store_true",
                     help="re-run finished experiments from scratch (deletes their run folders)")
@@ -284,14 +305,26 @@ def main() -> None:
     if args.list:
         print("\n".join(names))
         return
+    todo = []
     for name in names:
         done = RESULTS / f"{args.profile}_{name}.json"
         if done.exists() and not args.force:
             print(f"{name}: done ({done})", flush=True)
-            continue
-        r = run_one(name, args.profile, fresh=args.force)
+        else:
+            todo.append(name)
+
+    def one(name: str) -> None:
+        r = run_one(name, args.profile, fresh=args.force, single_thread=args.jobs > 1)
         print(json.dumps({k: r[k] for k in ("name", "accuracy", "wall_seconds")}), flush=True)
         publish(args.profile)
+
+    if args.jobs > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(one, todo))
+    else:
+        for name in todo:
+            one(name)
     publish(args.profile)
 
 

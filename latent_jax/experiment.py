@@ -89,9 +89,10 @@ def valid_is_generated(d: dict) -> bool:
     has no real validation file: its reported set is generated (a held-out stream, training questions removed)."""
     from latent_jax.data import DATASETS, canonical_name, graph_size
 
-    if d["valid_path"] is not None:
+    if d.get("valid_path") is not None:
         return False
-    return (d["rung"] is not None and not graph_size(d["rung"]).is_real) or canonical_name(d["task"]) not in DATASETS
+    rung = d.get("rung")
+    return (rung is not None and not graph_size(rung).is_real) or canonical_name(d["task"]) not in DATASETS
 
 
 def _records(cfg: dict):
@@ -131,7 +132,7 @@ def _valid_records(d: dict):
 def _encode(d: dict, records, source: str):
     from latent_jax.data import symbolic_records
 
-    return symbolic_records(records, source) if d["encoding"] == "symbolic" else records
+    return symbolic_records(records, source) if d.get("encoding", "text") == "symbolic" else records
 
 
 def _select_records(cfg: dict, train_records, valid_records) -> list:
@@ -156,7 +157,7 @@ def _select_records(cfg: dict, train_records, valid_records) -> list:
     while len(out) < n and size <= 16 * n + 100:  # draw more while repeats of seen questions eat the pool
         try:
             pool = _encode(d, load_dataset(d["task"], split=split, source="generated", n=size, seed=seed,
-                                           rung=d["rung"]), "selection records")
+                                           rung=d.get("rung")), "selection records")
         except ValueError:  # e.g. more distinct problems asked for than exist
             break
         out, size = [r for r in pool if r["question"] not in seen][:n], 2 * size
@@ -184,18 +185,14 @@ def build(cfg: dict, train_records, valid_records):
     from latent_jax.models import init_model
     from latent_jax.data import symbolic_vocab
     from latent_jax.tokenizer import load_tokenizer
-    from latent_jax.word_tokenizer import META as WORD_META
     from latent_jax.word_tokenizer import WordTokenizer
 
     m = cfg["model"]
     pretrained = m["pretrained"]
     folder = resolve_checkpoint(pretrained) if pretrained else None
     symbolic = cfg["data"]["encoding"] == "symbolic"
-    if folder is not None and (pathlib.Path(folder) / WORD_META).exists() != symbolic:
-        have, want = ("symbolic", "text") if not symbolic else ("text", "symbolic")
-        raise ValueError(f"model.pretrained={pretrained!r} was trained on the {have} encoding but this config uses"
-                         f" data.encoding={want}: its vocabulary cannot read these records (train from scratch, or"
-                         f" set data.encoding={have})")
+    if folder is not None:
+        check_encoding(folder, cfg, "model.pretrained")
     if symbolic:  # one token per node: the word vocabulary is already compact, `tokenizer` and compact_vocab unused
         tok = WordTokenizer.load(folder) if folder is not None else WordTokenizer(symbolic_vocab())
     elif folder is not None and (pathlib.Path(folder) / COMPACT_META).exists():
@@ -219,6 +216,19 @@ def build(cfg: dict, train_records, valid_records):
         graphdef, params = init_model(mcfg, seed=m["seed"])
     mcfg, graphdef, params = prepare_model(method, mcfg, graphdef, params)
     return tok, method, mcfg, graphdef, params
+
+
+def check_encoding(folder, cfg: dict, what: str = "model") -> None:
+    """Refuse a model folder whose vocabulary is of the other encoding than `data.encoding` (a symbolic model has a
+    word vocabulary, `latent_jax.word_tokenizer.META`; a text model has none)."""
+    from latent_jax.word_tokenizer import META as WORD_META
+
+    symbolic = cfg["data"]["encoding"] == "symbolic"
+    if (pathlib.Path(folder) / WORD_META).exists() != symbolic:
+        have, want = ("symbolic", "text") if not symbolic else ("text", "symbolic")
+        raise ValueError(f"{what} {str(folder)!r} was trained on the {have} encoding but this config uses"
+                         f" data.encoding={want}: its vocabulary cannot read these records (train from scratch, or"
+                         f" set data.encoding={have})")
 
 
 def final_stage(method, cfg: dict) -> int:
@@ -280,6 +290,7 @@ def run_eval(cfg: dict, model_dir: str, progress: bool = True) -> dict:
     from latent_jax.hf import load_hf
     from latent_jax.methods import build_method
 
+    check_encoding(model_dir, cfg, "--model-dir")
     valid = _valid_records(cfg["data"])
     tok = load_any_tokenizer(model_dir)
     method = build_method(cfg["method"]["name"], tok, **{k: v for k, v in cfg["method"].items() if k != "name"})

@@ -58,6 +58,7 @@ class TrainConfig:
     reset_optimizer: str = "stage"
     seed: int = 0
     bucket: int = 32
+    length_groups: int = 0  # > 0: sort each window of this many micro-batches by length (less padding); 0: off
     max_len: int | None = None
     log_every: int = 10
     checkpoint_every_steps: int | None = None
@@ -86,7 +87,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{f.name} must be an integer, got {v!r}")
         bad = [(n, ">= 1") for n in ("epochs", "epochs_per_stage", "batch_size", "grad_accum", "bucket", "log_every",
                                     "keep_checkpoints") if getattr(self, n) < 1]
-        bad += [(n, ">= 0") for n in ("max_latent_stage", "weight_decay", "warmup_steps") if not getattr(self, n) >= 0]
+        bad += [(n, ">= 0") for n in ("max_latent_stage", "weight_decay", "warmup_steps", "length_groups")
+                if not getattr(self, n) >= 0]
         bad += [(n, want) for n, ok, want in (
             ("uniform_prob", 0 <= self.uniform_prob <= 1, "in [0, 1]"),
             ("lr", math.isfinite(self.lr) and self.lr > 0, "finite and > 0"),
@@ -261,7 +263,8 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
             it = epoch_iterator(epoch_dataset(method, train_records, epoch=epoch, stage=cfg.stage(epoch),
                                               seed=cfg.seed, batch_size=cfg.batch_size,
                                               uniform_prob=cfg.uniform_prob, bucket=cfg.bucket, max_len=max_len,
-                                              stage_fn=lambda m, e=epoch: stage_at(e, m)))
+                                              stage_fn=lambda m, e=epoch: stage_at(e, m),
+                                              length_groups=cfg.length_groups))
             if restored is not None:  # first epoch after a resume: the iterator continues mid-epoch
                 if micro:
                     ckpt.restore_iterator(restored, it)

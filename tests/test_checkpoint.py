@@ -96,6 +96,9 @@ def test_kill9_and_resume_is_exact(tmp_path):
     assert [x["step"] for x in a if "loss" in x] == list(range(1, 7)) and sum("eval" in x for x in a) == 2
     assert a == b  # exact: same floats
     ra, rb = (json.loads((d / "result.json").read_text()) for d in (full, broken))
+    for r in (ra, rb):  # wall-clock, cumulative across the resume: present and growing, not compared
+        seconds = [h.pop("train_seconds") for h in r["history"]]
+        assert seconds == sorted(seconds) and seconds[0] > 0
     assert ra == rb and ra["step"] == 6 and ra["best"] is not None
 
 

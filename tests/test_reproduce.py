@@ -87,7 +87,7 @@ def test_force_starts_from_scratch(tmp_path, monkeypatch, fresh):
     (out / "train" / "checkpoints" / "old").write_text("stale")
     seen = []
 
-    def fake_run(cmd, check, cwd):
+    def fake_run(cmd, check, cwd, **kw):
         seen.append((out / "train" / "checkpoints" / "old").exists())
         out.mkdir(parents=True, exist_ok=True)
         (out / "result.json").write_text(json.dumps({"method": "cot", "task": "mult4", "accuracy": 1.0}))

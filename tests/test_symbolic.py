@@ -171,6 +171,8 @@ def test_symbolic_export_evaluates_and_refuses_the_other_encoding(tmp_path):
     sym_cfg = load_config("prosqa_symbolic_cpu", [f"model.pretrained={text_model}"])
     with pytest.raises(ValueError, match="text encoding but this config uses data.encoding=symbolic"):
         build(sym_cfg, [], [])
+    with pytest.raises(ValueError, match="--model-dir .* symbolic encoding but this config uses data.encoding=text"):
+        run_eval(load_config("prosqa_coconut_cpu"), str(out / "export"), progress=False)
 
 
 def test_encoding_errors():

@@ -293,3 +293,41 @@ def test_schedule_sets_the_stage_of_each_batch():
     ds = epoch_dataset(m, toy_records(8, n_steps=4), epoch=1, stage=0, seed=0, batch_size=2, bucket=16,
                        stage_fn=lambda micro: m.schedule(1, micro, 4))
     assert [b.n_latent for b in ds] == [2, 2, 3, 3]  # ToyMethod: stage k -> k latent slots
+
+
+def test_group_by_length_is_a_deterministic_permutation_of_sorted_windows():
+    from latent_jax.data.pipeline import group_by_length
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 90, 203).tolist()
+    order = group_by_length(lengths, batch=8, groups=4, seed=1)
+    assert sorted(order) == list(range(203)) and order == group_by_length(lengths, 8, 4, seed=1)
+    assert order != group_by_length(lengths, 8, 4, seed=2)
+    batches = [order[i:i + 8] for i in range(0, 200, 8)]
+    for w in range(0, 200, 32):  # each window of 4 batches holds the same items, now sorted into batches
+        window = [i for b in batches[w // 8:w // 8 + 4] for i in b]
+        assert sorted(window) == list(range(w, min(w + 32, 203))) or w + 32 > 200
+    spread = lambda bs: np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in bs])  # noqa
+    plain = [list(range(i, i + 8)) for i in range(0, 200, 8)]
+    assert spread(batches) < spread(plain) / 2  # rows of a batch have similar lengths
+    last = sorted(range(192, 203), key=lambda i: lengths[i])  # the last window: the partial batch comes last
+    assert order[-3:] == last[-3:] and order[-11:-3] == last[:8]
+
+
+def test_length_groups_cut_padding_and_keep_every_record():
+    from latent_jax.data import generate_prosqa, symbolic_records
+    from latent_jax.data.symbolic import symbolic_vocab
+    from latent_jax.methods import build_method
+    from latent_jax.word_tokenizer import WordTokenizer
+
+    recs = symbolic_records(generate_prosqa(256, seed=0, rung="small"))
+    method = build_method("coconut", WordTokenizer(symbolic_vocab()), max_latent_stage=4)
+    kw = dict(epoch=0, stage=2, seed=0, batch_size=16, bucket=8)
+    pads = {}
+    for g in (0, 8):
+        batches = list(epoch_dataset(method, recs, **kw, length_groups=g))
+        pads[g] = 1 - sum(b.mask.sum() for b in batches) / sum(b.mask.size for b in batches)
+        assert sum(int(b.mask.any(1).sum()) for b in batches) == 256
+    assert pads[8] < 0.75 * pads[0]  # the rest is the rounding of prefix and length to the bucket
+    with pytest.raises(ValueError, match="length_groups"):
+        TrainConfig(length_groups=-1)

@@ -67,10 +67,13 @@ def micro_batches_per_epoch(n_records: int, batch_size: int, process_count: int 
 def epoch_dataset(method: Method, records: Sequence[dict[str, Any]], *, epoch: int, stage: int, seed: int,
                   batch_size: int, uniform_prob: float = 0.0, bucket: int = 32, max_len: int | None = None,
                   process_index: int | None = None, process_count: int | None = None,
-                  stage_fn: Callable[[int], int] | None = None) -> grain.MapDataset:
+                  stage_fn: Callable[[int], int] | None = None, length_groups: int = 0) -> grain.MapDataset:
     """The micro-batches (`Batch`) of one epoch for this host, as a random-access grain `MapDataset`.
     `stage_fn(micro)` gives the stage of the epoch's micro-batch `micro` (default: `stage` for all). The method's
-    optional `example_stage` / `collate` hooks replace the defaults of this module / `methods.base`."""
+    optional `example_stage` / `collate` hooks replace the defaults of this module / `methods.base`.
+    `length_groups` G > 0: after the shuffle, each window of G micro-batches is sorted by record length, cut into
+    micro-batches, and their order shuffled (`group_by_length`): rows of similar length share a batch, so the
+    bucketed padding shrinks (measured 41% -> see BUILD_NOTES.md), still a pure function of (seed, epoch)."""
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     usable = len(records) - len(records) % pc
@@ -90,8 +93,35 @@ def epoch_dataset(method: Method, records: Sequence[dict[str, Any]], *, epoch: i
 
     epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
     ds = grain.MapDataset.source(list(records)).map_with_index(lambda i, r: (i, r))
-    ds = ds.shuffle(seed=epoch_seed)[:usable][pi::pc].map_with_index(lambda p, item: (p, item))
+    ds = ds.shuffle(seed=epoch_seed)
+    if length_groups > 0:
+        order = group_by_length([record_length(r) for _, r in ds], batch_size * pc, length_groups, epoch_seed)
+        ds = grain.MapDataset.source([ds[i] for i in order])
+    ds = ds[:usable][pi::pc].map_with_index(lambda p, item: (p, item))
     return ds.map(encode).batch(batch_size, drop_remainder=False, batch_fn=collate_fn)
+
+
+def record_length(record: dict[str, Any]) -> tuple[int, int]:
+    """A cheap length proxy of a record for `group_by_length`: (words of the question, words of steps + answer).
+    The question first: thought batches left-pad every row to the longest question (latent alignment)."""
+    return len(record["question"].split()), sum(len(t.split()) for t in (*record.get("steps", ()),
+                                                                         record.get("answer", "")))
+
+
+def group_by_length(lengths: Sequence[Any], batch: int, groups: int, seed: int) -> list[int]:
+    """A permutation of range(len(lengths)): windows of `groups * batch` consecutive items, each sorted by length
+    and cut into batches of `batch`, the batches of a window in a random order (deterministic in `seed`). The last
+    (partial) batch of the whole epoch stays last, so every batch but that one is full."""
+    rng = np.random.default_rng([seed, 0x6E0])
+    n, out = len(lengths), []
+    window = max(groups, 1) * batch
+    for lo in range(0, n, window):
+        idx = sorted(range(lo, min(lo + window, n)), key=lambda i: lengths[i])
+        chunks = [idx[j:j + batch] for j in range(0, len(idx), batch)]
+        full = [c for c in chunks if len(c) == batch]
+        rng.shuffle(full)
+        out += [i for c in full for i in c] + [i for c in chunks if len(c) < batch for i in c]
+    return out
 
 
 def epoch_iterator(dataset: grain.MapDataset, prefetch: int = 4) -> grain.DatasetIterator:
