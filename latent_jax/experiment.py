@@ -21,7 +21,8 @@ SECTIONS = {
               "param_dtype": "float32", "dtype": "float32", "seed": 0},
     "method": {"name": "coconut"},
     "data": {"task": "prosqa", "train_source": "generated", "train_n": None, "train_path": None, "valid_n": None,
-             "valid_path": None, "seed": 0, "select": "valid", "select_n": None, "encoding": "text", "rung": None},
+             "valid_path": None, "seed": 0, "select": "valid", "select_n": None, "encoding": "text", "rung": None,
+             "symbolic_ids": "shuffled"},
     "train": {},
     "eval": {"batch_size": 32, "max_new_tokens": 64, "stage": None},
     "compare": None,  # a list of method sections: train each at the same budget, one table (`run_compare`)
@@ -132,7 +133,9 @@ def _valid_records(d: dict):
 def _encode(d: dict, records, source: str):
     from latent_jax.data import symbolic_records
 
-    return symbolic_records(records, source) if d.get("encoding", "text") == "symbolic" else records
+    if d.get("encoding", "text") != "symbolic":
+        return records
+    return symbolic_records(records, source, ids=d.get("symbolic_ids", "shuffled"))
 
 
 def _select_records(cfg: dict, train_records, valid_records) -> list:

@@ -59,6 +59,7 @@ class TrainConfig:
     seed: int = 0
     bucket: int = 32
     length_groups: int = 0  # > 0: sort each window of this many micro-batches by length (less padding); 0: off
+    fixed_shapes: bool = False  # pad every batch of an epoch to one shape (one compile per stage; short runs)
     max_len: int | None = None
     log_every: int = 10
     checkpoint_every_steps: int | None = None
@@ -264,7 +265,7 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
                                               seed=cfg.seed, batch_size=cfg.batch_size,
                                               uniform_prob=cfg.uniform_prob, bucket=cfg.bucket, max_len=max_len,
                                               stage_fn=lambda m, e=epoch: stage_at(e, m),
-                                              length_groups=cfg.length_groups))
+                                              length_groups=cfg.length_groups, fixed_shapes=cfg.fixed_shapes))
             if restored is not None:  # first epoch after a resume: the iterator continues mid-epoch
                 if micro:
                     ckpt.restore_iterator(restored, it)

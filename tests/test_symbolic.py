@@ -184,3 +184,12 @@ def test_encoding_errors():
         _records(load_config("prosqa_symbolic_cpu", ["data.task=prontoqa", "data.rung=null"]))
     with pytest.raises(ValueError, match="only read with data.train_source=file"):
         _records(load_config("prosqa_symbolic_cpu", ["data.train_path=x.json"]))
+
+
+def test_index_node_ids_keep_the_records_numbering():
+    rec = generate_prosqa(1, seed=5, rung="small")[0]
+    s = to_symbolic(rec, ids="index")
+    assert s["idx_to_symbol"] == [f"n{v}" for v in range(len(rec["idx_to_symbol"]))] and verify_symbolic(s) == []
+    assert s["question"].endswith(f"[R] n{rec['root']}") and s["answer"] == f"n{rec['target']}"
+    with pytest.raises(ValueError, match="symbolic node ids must be one of"):
+        to_symbolic(rec, ids="sorted")

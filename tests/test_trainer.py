@@ -331,3 +331,22 @@ def test_length_groups_cut_padding_and_keep_every_record():
     assert pads[8] < 0.75 * pads[0]  # the rest is the rounding of prefix and length to the bucket
     with pytest.raises(ValueError, match="length_groups"):
         TrainConfig(length_groups=-1)
+
+
+def test_fixed_shapes_give_one_compile_shape_per_stage():
+    from latent_jax.data import generate_prosqa, symbolic_records
+    from latent_jax.data.symbolic import symbolic_vocab
+    from latent_jax.methods import build_method
+    from latent_jax.word_tokenizer import WordTokenizer
+
+    recs = symbolic_records(generate_prosqa(200, seed=0, rung="small"))
+    method = build_method("coconut", WordTokenizer(symbolic_vocab()), max_latent_stage=4)
+    for stage in (0, 2, 5):
+        kw = dict(epoch=0, stage=stage, seed=0, batch_size=16, bucket=8, length_groups=8)
+        free = list(epoch_dataset(method, recs, **kw))
+        fixed = list(epoch_dataset(method, recs, **kw, fixed_shapes=True))
+        shapes = {(b.tokens.shape, b.prefix_len, b.n_latent) for b in fixed}
+        assert len(shapes) == 1 and len({(b.tokens.shape, b.prefix_len) for b in free}) > 1, stage
+        for a, b in zip(free, fixed):  # same rows, same real tokens, only more padding
+            assert a.n_latent == b.n_latent and a.mask.sum() == b.mask.sum()
+            assert (a.tokens[a.mask] == b.tokens[b.mask]).all() and (a.labels[a.mask] == b.labels[b.mask]).all()

@@ -67,13 +67,17 @@ def micro_batches_per_epoch(n_records: int, batch_size: int, process_count: int 
 def epoch_dataset(method: Method, records: Sequence[dict[str, Any]], *, epoch: int, stage: int, seed: int,
                   batch_size: int, uniform_prob: float = 0.0, bucket: int = 32, max_len: int | None = None,
                   process_index: int | None = None, process_count: int | None = None,
-                  stage_fn: Callable[[int], int] | None = None, length_groups: int = 0) -> grain.MapDataset:
+                  stage_fn: Callable[[int], int] | None = None, length_groups: int = 0,
+                  fixed_shapes: bool = False) -> grain.MapDataset:
     """The micro-batches (`Batch`) of one epoch for this host, as a random-access grain `MapDataset`.
     `stage_fn(micro)` gives the stage of the epoch's micro-batch `micro` (default: `stage` for all). The method's
     optional `example_stage` / `collate` hooks replace the defaults of this module / `methods.base`.
     `length_groups` G > 0: after the shuffle, each window of G micro-batches is sorted by record length, cut into
     micro-batches, and their order shuffled (`group_by_length`): rows of similar length share a batch, so the
-    bucketed padding shrinks (measured 41% -> see BUILD_NOTES.md), still a pure function of (seed, epoch)."""
+    bucketed padding shrinks (40% -> 29% at the small symbolic rung, BUILD_NOTES.md), still a pure function of
+    (seed, epoch). `fixed_shapes`: every batch of the epoch is re-padded (`pad_batch`) to the epoch's largest prefix
+    and remainder at `stage` (bucketed): one compile per (stage, thoughts) instead of one per length bucket, which
+    pays when compiles cost more than the padding (a short run of the latent loop: ~10 s a compile on 2 cores)."""
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     usable = len(records) - len(records) % pc
@@ -88,8 +92,17 @@ def epoch_dataset(method: Method, records: Sequence[dict[str, Any]], *, epoch: i
         base = stage if stage_fn is None else stage_fn(position // batch_size)
         return method.encode(record, ex_stage(record, index, epoch, base, seed, uniform_prob))
 
+    target = _epoch_shape(method, records, stage, bucket) if fixed_shapes else None
+
     def collate_fn(examples: Sequence[Example]) -> Batch:
-        return collate_(examples, pad, bucket=bucket, max_len=max_len, batch_size=batch_size)
+        b = collate_(examples, pad, bucket=bucket, max_len=max_len, batch_size=batch_size)
+        if target is None:
+            return b
+        P = max(b.prefix_len, target[0]) if b.prefix_len else 0  # thoughtless batches stay unaligned
+        rest = max(b.tokens.shape[1] - b.prefix_len - b.n_latent, target[1] if P else target[2])
+        if max_len is not None and P + b.n_latent + rest > max_len:
+            return b
+        return pad_batch(b, P, b.n_latent, P + b.n_latent + rest)
 
     epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
     ds = grain.MapDataset.source(list(records)).map_with_index(lambda i, r: (i, r))
@@ -99,6 +112,16 @@ def epoch_dataset(method: Method, records: Sequence[dict[str, Any]], *, epoch: i
         ds = grain.MapDataset.source([ds[i] for i in order])
     ds = ds[:usable][pi::pc].map_with_index(lambda p, item: (p, item))
     return ds.map(encode).batch(batch_size, drop_remainder=False, batch_fn=collate_fn)
+
+
+def _epoch_shape(method: Method, records: Sequence[dict[str, Any]], stage: int, bucket: int) -> tuple[int, int, int]:
+    """(prefix, remainder after the thoughts, whole length) that hold every record at `stage`, bucketed."""
+    from latent_jax.methods.base import round_up
+
+    exs = [method.encode(r, stage) for r in records]
+    return (round_up(max(e.latent_start for e in exs), bucket),
+            round_up(max(len(e.tokens) - e.latent_start - e.n_latent for e in exs), bucket),
+            round_up(max(len(e.tokens) for e in exs), bucket))
 
 
 def record_length(record: dict[str, Any]) -> tuple[int, int]:

@@ -39,11 +39,17 @@ def symbolic_vocab(max_nodes: int = MAX_NODES) -> list[str]:
     return [EOS, NEWLINE, ANSWER, INIT, *MARKERS, *(node_token(i) for i in range(max_nodes))]
 
 
+IDS = ("shuffled", "index")
+
+
 def to_symbolic(record: Record, index: int | None = None, source: str = "records",
-                max_nodes: int = MAX_NODES) -> Record:
+                max_nodes: int = MAX_NODES, ids: str = "shuffled") -> Record:
     """One ProsQA record in its symbolic form (ValueError naming ``source``, the record index and the field when the
     record cannot be represented: missing graph fields, more nodes than ``max_nodes``, a step or query naming a
-    node the graph does not have)."""
+    node the graph does not have). ``ids``: ``shuffled`` (default: a per-question random permutation of the node
+    tokens) or ``index`` (node ``v`` is ``n{v}``, the record's own numbering: creation order, as Zhu et al.)."""
+    if ids not in IDS:
+        raise ValueError(f"symbolic node ids must be one of {IDS}, got {ids!r}")
     where = f"{source} record {index}" if index is not None else source
     for key in _GRAPH_FIELDS:
         if key not in record:
@@ -62,7 +68,7 @@ def to_symbolic(record: Record, index: int | None = None, source: str = "records
         if not (len(e) == 2 and all(isinstance(v, int) and 0 <= v < n for v in e)):
             raise ValueError(f"{where}: field 'edges' has {e!r}, not a pair of node indices in [0, {n})")
     rng = random.Random(f"symbolic-{record['question']}")
-    perm = rng.sample(range(max_nodes), n)
+    perm = rng.sample(range(max_nodes), n) if ids == "shuffled" else list(range(n))
     tok = [node_token(perm[v]) for v in range(n)]
     try:
         _, (_, x, y) = parse_prosqa_question(record["question"])
@@ -84,8 +90,9 @@ def to_symbolic(record: Record, index: int | None = None, source: str = "records
             "neg_target": record["neg_target"]}
 
 
-def symbolic_records(records: Sequence[Record], source: str = "records", max_nodes: int = MAX_NODES) -> list[Record]:
-    return [to_symbolic(r, i, source, max_nodes) for i, r in enumerate(records)]
+def symbolic_records(records: Sequence[Record], source: str = "records", max_nodes: int = MAX_NODES,
+                     ids: str = "shuffled") -> list[Record]:
+    return [to_symbolic(r, i, source, max_nodes, ids) for i, r in enumerate(records)]
 
 
 def parse_symbolic_question(question: str) -> tuple[list[tuple[str, str]], tuple[str, str], str]:
