@@ -348,7 +348,8 @@ def compare_summary(rows: list[dict], cfg: dict) -> str:
     else:
         verdict = f"no latent method beats the written baselines here: {lm} {acc[lm]:.1f}% against {bm}'s" \
                   f" {acc[bm]:.1f}% ({gap:+.1f} points){direct}."
-    return f"On {where}, {verdict}"
+    chance = " (chance is 50%: two candidates)" if d["task"] in ("prosqa", "prontoqa") else ""
+    return f"On {where}{chance}, {verdict}"
 
 
 def format_table(rows: list[dict]) -> str:

@@ -333,7 +333,7 @@ def test_length_groups_cut_padding_and_keep_every_record():
         TrainConfig(length_groups=-1)
 
 
-def test_fixed_shapes_give_one_compile_shape_per_stage():
+def test_fixed_shapes_give_one_compile_shape_per_stage_with_thoughts():
     from latent_jax.data import generate_prosqa, symbolic_records
     from latent_jax.data.symbolic import symbolic_vocab
     from latent_jax.methods import build_method
@@ -346,7 +346,8 @@ def test_fixed_shapes_give_one_compile_shape_per_stage():
         free = list(epoch_dataset(method, recs, **kw))
         fixed = list(epoch_dataset(method, recs, **kw, fixed_shapes=True))
         shapes = {(b.tokens.shape, b.prefix_len, b.n_latent) for b in fixed}
-        assert len(shapes) == 1 and len({(b.tokens.shape, b.prefix_len) for b in free}) > 1, stage
+        assert len({(b.tokens.shape, b.prefix_len) for b in free}) > 1, stage
+        assert len(shapes) == (1 if stage else len({(b.tokens.shape, b.prefix_len) for b in free})), stage
         for a, b in zip(free, fixed):  # same rows, same real tokens, only more padding
             assert a.n_latent == b.n_latent and a.mask.sum() == b.mask.sum()
             assert (a.tokens[a.mask] == b.tokens[b.mask]).all() and (a.labels[a.mask] == b.labels[b.mask]).all()

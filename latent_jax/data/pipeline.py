@@ -75,9 +75,10 @@ def epoch_dataset(method: Method, records: Sequence[dict[str, Any]], *, epoch: i
     `length_groups` G > 0: after the shuffle, each window of G micro-batches is sorted by record length, cut into
     micro-batches, and their order shuffled (`group_by_length`): rows of similar length share a batch, so the
     bucketed padding shrinks (40% -> 29% at the small symbolic rung, BUILD_NOTES.md), still a pure function of
-    (seed, epoch). `fixed_shapes`: every batch of the epoch is re-padded (`pad_batch`) to the epoch's largest prefix
-    and remainder at `stage` (bucketed): one compile per (stage, thoughts) instead of one per length bucket, which
-    pays when compiles cost more than the padding (a short run of the latent loop: ~10 s a compile on 2 cores)."""
+    (seed, epoch). `fixed_shapes`: every batch with thoughts is re-padded (`pad_batch`) to the epoch's largest
+    prefix and remainder at `stage` (bucketed): one compile of the latent loop per (stage, thoughts) instead of one
+    per length bucket, which pays in a short run (such a compile costs ~10 s on 2 cores, a thoughtless one ~2 s, so
+    thoughtless batches keep their buckets)."""
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     usable = len(records) - len(records) % pc
@@ -96,10 +97,10 @@ def epoch_dataset(method: Method, records: Sequence[dict[str, Any]], *, epoch: i
 
     def collate_fn(examples: Sequence[Example]) -> Batch:
         b = collate_(examples, pad, bucket=bucket, max_len=max_len, batch_size=batch_size)
-        if target is None:
+        if target is None or not b.n_latent:  # thoughtless batches keep their buckets (their compiles are cheap)
             return b
-        P = max(b.prefix_len, target[0]) if b.prefix_len else 0  # thoughtless batches stay unaligned
-        rest = max(b.tokens.shape[1] - b.prefix_len - b.n_latent, target[1] if P else target[2])
+        P = max(b.prefix_len, target[0])
+        rest = max(b.tokens.shape[1] - b.prefix_len - b.n_latent, target[1])
         if max_len is not None and P + b.n_latent + rest > max_len:
             return b
         return pad_batch(b, P, b.n_latent, P + b.n_latent + rest)
