@@ -331,8 +331,9 @@ def compare_summary(rows: list[dict], cfg: dict) -> str:
     explicit baseline (CoT / No-CoT) and against answering directly."""
     acc = {r["method"]: 100 * r["accuracy"] for r in rows}
     d = cfg["data"]
-    where = f"{rows[0]['valid_records']} held-out {d['task']} questions" + (
-        f" ({d['encoding']} encoding, rung {d['rung'] or 'real'})" if d["encoding"] != "text" or d["rung"] else "")
+    notes = ([f"{d['encoding']} encoding, rung {d['rung'] or 'real'}"] if d["encoding"] != "text" or d["rung"] else [])
+    notes += ["chance is 50%: two candidates"] if d["task"] in ("prosqa", "prontoqa") else []
+    where = f"{rows[0]['valid_records']} held-out {d['task']} questions" + (f" ({'; '.join(notes)})" if notes else "")
     latent = [m for m in acc if m in _LATENT]
     base = [m for m in acc if m not in _LATENT]
     if not latent or not base:
@@ -348,8 +349,7 @@ def compare_summary(rows: list[dict], cfg: dict) -> str:
     else:
         verdict = f"no latent method beats the written baselines here: {lm} {acc[lm]:.1f}% against {bm}'s" \
                   f" {acc[bm]:.1f}% ({gap:+.1f} points){direct}."
-    chance = " (chance is 50%: two candidates)" if d["task"] in ("prosqa", "prontoqa") else ""
-    return f"On {where}{chance}, {verdict}"
+    return f"On {where}, {verdict}"
 
 
 def format_table(rows: list[dict]) -> str:
