@@ -83,3 +83,22 @@ def test_prontoqa_cot_check_runs_on_an_export(tmp_path):
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved == report and report["n"] == 5 and 0 <= report["accuracy"] <= 1
     assert 0 <= report["answer_consistent_with_own_last_step"] <= 1 and "prontoqa_cot_check.py" in report["command"]
+
+
+def test_lab_throughput_reports_peak_step_padding_and_loop(tmp_path):
+    import lab_throughput  # noqa: E402  (benchmarks/)
+
+    out = lab_throughput.main(["--batches", "4", "--buckets", "16", "--length-groups", "0,8", "--steps", "1",
+                               "--loop-records", "96", "--peak-n", "256", "--out", str(tmp_path / "t.json"),
+                               "model.overrides.d_model=32", "model.overrides.head_dim=8", "model.overrides.d_ff=64"])
+    assert json.loads((tmp_path / "t.json").read_text())["method"] == "coconut"
+    peak = out["peak_gflops"]["square"]
+    assert peak > 0 and {r["layout"] for r in out["compiled_step"]} == {"cot_stage0", "final"}
+    for r in out["compiled_step"]:
+        assert r["share_of_peak"] == pytest.approx(r["gflops"] / peak, abs=2e-3)
+        assert r["real_tok_s"] <= r["padded_tok_s"]
+    final = next(r for r in out["compiled_step"] if r["layout"] == "final")
+    assert final["thoughts"] == 4  # the default job's Coconut: 4 thoughts at the last stage
+    pads = {r["length_groups"]: r["padding_share"] for r in out["bucketing"]}
+    assert 0 < pads[8] < pads[0] < 1
+    assert out["trainer_loop"]["steps"] == 96 // 64 + 1 and out["trainer_loop"]["steady_real_tok_s"] > 0
