@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 SCHEDULES, RESETS = ("constant", "cosine", "linear"), ("stage", "epoch", "never")
 # Fields that may change when a run is resumed (they do not change the training trajectory).
 RESUMABLE = ("log_every", "checkpoint_every_steps", "keep_checkpoints", "output_dir", "eval_every_epoch", "progress",
-             "mesh", "remat")
+             "mesh", "remat", "fixed_shapes")  # fixed_shapes: padding only (`pad_batch` keeps the loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +234,8 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
                 raise ValueError(f"{ckpt.directory} holds checkpoints (latest step {restored}); pass resume=True to"
                                  " continue that run or use another output_dir")
             meta = ckpt.restore_meta(restored)
-            check_compatible(meta, model_cfg.to_dict(), trajectory, ckpt.directory / str(restored))
+            check_compatible(meta, model_cfg.to_dict(), comparable_trajectory(trajectory, meta.get("train_config", {})),
+                             ckpt.directory / str(restored))
             step, epoch, micro, history = meta["step"], meta["epoch"], meta["micro"], meta["history"]
             best_acc, epoch_loss, epoch_tokens = meta["best_accuracy"], meta["epoch_loss"], meta["epoch_tokens"]
             last_stage, elapsed = meta.get("last_stage"), meta.get("train_seconds", 0.0)
@@ -334,6 +335,13 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
             if c is not None:
                 c.close()
     return TrainResult(params, best_params, best_acc, history, step, opt_state)
+
+
+def comparable_trajectory(trajectory: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """`trajectory` without the keys a checkpoint written before they existed lacks, where they hold their
+    default (a TrainConfig field added later, e.g. `length_groups: 0`, changes nothing in an older run)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in trajectory.items() if k in saved or k not in defaults or v != defaults[k]}
 
 
 def _fail(ckpt: Checkpointer | None, what: str, step: int, epoch: int, stage: int):

@@ -351,3 +351,13 @@ def test_fixed_shapes_give_one_compile_shape_per_stage_with_thoughts():
         for a, b in zip(free, fixed):  # same rows, same real tokens, only more padding
             assert a.n_latent == b.n_latent and a.mask.sum() == b.mask.sum()
             assert (a.tokens[a.mask] == b.tokens[b.mask]).all() and (a.labels[a.mask] == b.labels[b.mask]).all()
+
+
+def test_a_field_added_later_at_its_default_does_not_block_resume():
+    from latent_jax.trainer import comparable_trajectory
+
+    saved = {"lr": 1e-3, "batch_size": 8, "method": "coconut"}
+    now = {**saved, "length_groups": 0}
+    assert comparable_trajectory(now, saved) == saved  # an older checkpoint resumes
+    assert comparable_trajectory({**saved, "length_groups": 8}, saved)["length_groups"] == 8  # a real change stays
+    assert comparable_trajectory({**saved, "batch_size": 16}, saved)["batch_size"] == 16
