@@ -131,7 +131,7 @@ def test_compare_runs_each_method_and_summarises_from_its_numbers(tmp_path, caps
     from latent_jax.cli import main
 
     out = tmp_path / "cmp"
-    assert main(["train", *TOY, f"output_dir={out}"]) == 0  # the default config: a compare run
+    assert main(["train", *TOY, "train.epochs=1", f"output_dir={out}"]) == 0  # the default config: a compare run
     printed = capsys.readouterr().out
     res = json.loads((out / "compare.json").read_text())
     rows = res["rows"]
