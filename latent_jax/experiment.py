@@ -322,8 +322,7 @@ def run_compare(cfg: dict, progress: bool = True, on_result=None) -> dict:
     return {"rows": rows, "summary": summary}
 
 
-_LATENT = ("coconut", "no_curriculum", "pause_as_thought", "no_thought", "pause", "icot_si", "lt_tuning",
-           "token_assorted", "soft_thinking")
+_WRITTEN = ("cot", "no_cot")  # the explicit baselines; every other method reasons (at least partly) latently
 
 
 def compare_summary(rows: list[dict], cfg: dict) -> str:
@@ -334,8 +333,8 @@ def compare_summary(rows: list[dict], cfg: dict) -> str:
     notes = ([f"{d['encoding']} encoding, rung {d['rung'] or 'real'}"] if d["encoding"] != "text" or d["rung"] else [])
     notes += ["chance is 50%: two candidates"] if d["task"] in ("prosqa", "prontoqa") else []
     where = f"{rows[0]['valid_records']} held-out {d['task']} questions" + (f" ({'; '.join(notes)})" if notes else "")
-    latent = [m for m in acc if m in _LATENT]
-    base = [m for m in acc if m not in _LATENT]
+    latent = [m for m in acc if m not in _WRITTEN]
+    base = [m for m in acc if m in _WRITTEN]
     if not latent or not base:
         best = max(acc, key=acc.get)
         return f"On {where}, {best} is best with {acc[best]:.1f}%."

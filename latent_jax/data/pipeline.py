@@ -115,14 +115,13 @@ def epoch_dataset(method: Method, records: Sequence[dict[str, Any]], *, epoch: i
     return ds.map(encode).batch(batch_size, drop_remainder=False, batch_fn=collate_fn)
 
 
-def _epoch_shape(method: Method, records: Sequence[dict[str, Any]], stage: int, bucket: int) -> tuple[int, int, int]:
-    """(prefix, remainder after the thoughts, whole length) that hold every record at `stage`, bucketed."""
+def _epoch_shape(method: Method, records: Sequence[dict[str, Any]], stage: int, bucket: int) -> tuple[int, int]:
+    """(prefix, remainder after the thoughts) that hold every record at `stage`, bucketed."""
     from latent_jax.methods.base import round_up
 
     exs = [method.encode(r, stage) for r in records]
     return (round_up(max(e.latent_start for e in exs), bucket),
-            round_up(max(len(e.tokens) - e.latent_start - e.n_latent for e in exs), bucket),
-            round_up(max(len(e.tokens) for e in exs), bucket))
+            round_up(max(len(e.tokens) - e.latent_start - e.n_latent for e in exs), bucket))
 
 
 def record_length(record: dict[str, Any]) -> tuple[int, int]:
