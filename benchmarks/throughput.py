@@ -49,6 +49,10 @@ def train_flops_per_token(cfg, T: int) -> float:
     return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T
 
 
+def _sig(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", default="gpt2", choices=["gpt2", "llama"])
@@ -114,8 +118,8 @@ def main(argv=None):
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             dt = timeit(run, args.steps)
         tps = B * T / dt
-        out[f"train_{name}"] = dict(step_s=round(dt, 4), tokens_per_s=round(tps, 1),
-                                    mfu=None if peak is None else round(tps * flops_tok / (peak * 1e12 * n_dev), 4))
+        out[f"train_{name}"] = dict(step_s=_sig(dt), tokens_per_s=_sig(tps),  # 4 significant digits, whatever the speed
+                                    mfu=None if peak is None else _sig(tps * flops_tok / (peak * 1e12 * n_dev)))
     out["coconut_vs_plain_step_time"] = round(out["train_coconut"]["step_s"] / out["train_plain"]["step_s"], 2)
     params = jax.device_get(state["p"]) if mesh is not None else state["p"]
     sampling = SamplingConfig(max_new_tokens=args.decode_new)
@@ -124,7 +128,7 @@ def main(argv=None):
         mask = jnp.ones((bsz, 32), bool)
         dt = timeit(lambda: generate_padded(graphdef, params, prompt, mask, jax.random.PRNGKey(0), sampling=sampling,
                                             eos_ids=(), pad_id=0)[0], args.steps)
-        out[f"decode_b{bsz}"] = dict(s_per_call=round(dt, 4), new_tokens_per_s=round(bsz * args.decode_new / dt, 1))
+        out[f"decode_b{bsz}"] = dict(s_per_call=_sig(dt), new_tokens_per_s=_sig(bsz * args.decode_new / dt))
     print(json.dumps(out))
     return out
 

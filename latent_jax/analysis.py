@@ -242,7 +242,7 @@ def run_analysis(cfg: dict, model_dir, n: int | None = 200, top_k: int = 10, out
                  progress: bool = True) -> dict[str, Any]:
     """`latent-jax analyze`: load an exported model folder (weights + tokenizer), analyze `n` validation records,
     write analysis.json, latent_tokens.md and PNG plots (+ training_curves.png if {run}/train/metrics.jsonl)."""
-    from latent_jax.compact_vocab import load_any_tokenizer
+    from latent_jax.tokenizer import check_vocab_fits, load_tokenizer
     from latent_jax.data import load_dataset
     from latent_jax.experiment import final_stage
     from latent_jax.hf import load_hf
@@ -252,11 +252,13 @@ def run_analysis(cfg: dict, model_dir, n: int | None = 200, top_k: int = 10, out
     out = pathlib.Path(out) if out is not None else model_dir.parent / "analysis"
     d = cfg["data"]
     records = load_dataset(d["task"], split="valid", source="file", path=d["valid_path"], n=n)
-    tok = load_any_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir)
     method = build_method(cfg["method"]["name"], tok, **{k: v for k, v in cfg["method"].items() if k != "name"})
     if not getattr(method, "uses_hidden_thoughts", False):
         raise ValueError(f"method {cfg['method']['name']!r} has no continuous thoughts to analyze (needs coconut)")
-    _, graphdef, params = load_hf(model_dir)
+    mcfg, graphdef, params = load_hf(model_dir)
+    check_vocab_fits(tok.vocab_size, mcfg.vocab_size, f"tokenizer of {model_dir} (with {method.name}'s tokens)",
+                     str(model_dir))
     result = analyze_records(method, records, graphdef, params, final_stage(method, cfg), top_k, batch_size)
     result = _clean({"model_dir": str(model_dir), "task": d["task"], **result})
     out.mkdir(parents=True, exist_ok=True)

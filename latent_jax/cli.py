@@ -2,8 +2,8 @@
 
     latent-jax info --model PATH_OR_HUB_ID
     latent-jax generate --model PATH_OR_HUB_ID [--tokenizer PATH|gpt2] --prompt TEXT [--prompt TEXT ...]
-    latent-jax train [CONFIG] [key=value ...] [--model PATH_OR_HUB_ID]   (default CONFIG: prosqa_symbolic_cpu)
-    latent-jax eval CONFIG --model-dir EXPORTED_FOLDER [key=value ...]
+    latent-jax train [CONFIG] [key=value ...] [--model PATH_OR_HUB_ID] [--fresh]   (default: prosqa_symbolic_cpu)
+    latent-jax eval CONFIG --model-dir EXPORTED_FOLDER [key=value ...] [--out FILE [--overwrite]]
     latent-jax export CONFIG [key=value ...] --checkpoint RUN/train/checkpoints --out FOLDER
     latent-jax vqvae CONFIG [key=value ...] [--out FOLDER]   (token_assorted: train + save its VQ-VAE)
     latent-jax analyze CONFIG --model-dir EXPORTED_FOLDER [--n 200] [--top-k 10] [--out DIR]   (Coconut thoughts)
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 
@@ -27,10 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="YAML path or name in configs/")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=3")
     t.add_argument("--model", default=None, help="pretrained HF folder or hub id (sets model.pretrained)")
+    t.add_argument("--fresh", action="store_true",
+                   help="start from scratch: delete this run's earlier checkpoints instead of resuming them")
     e = sub.add_parser("eval", help="evaluate an exported model folder on the config's validation set")
     e.add_argument("config", help="YAML path or name in configs/")
     e.add_argument("overrides", nargs="*")
     e.add_argument("--model-dir", required=True, help="folder written by `train` ({output_dir}/export)")
+    e.add_argument("--out", default=None, help="result JSON file (default: MODEL_DIR/eval.json)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     x = sub.add_parser("export", help="orbax checkpoint of a run -> Hugging Face folder (+ tokenizer)")
     x.add_argument("config", help="the run's YAML config (path or name in configs/)")
     x.add_argument("overrides", nargs="*", help="the run's overrides")
@@ -76,14 +81,12 @@ def _info(args) -> int:
 def _generate(args) -> int:
     from latent_jax.generate import SamplingConfig, generate
     from latent_jax.hf import load_hf, resolve_checkpoint
-    from latent_jax.tokenizer import load_tokenizer
+    from latent_jax.tokenizer import check_vocab_fits, load_tokenizer
 
     folder = resolve_checkpoint(args.model)
     cfg, graphdef, params = load_hf(folder, param_dtype=args.dtype)
-    tok = load_tokenizer(args.tokenizer or folder)
-    if tok.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}:"
-                         " wrong tokenizer for this model?")
+    tok = load_tokenizer(args.tokenizer or folder)  # an export's compact / word vocabulary included
+    check_vocab_fits(tok.vocab_size, cfg.vocab_size, f"tokenizer {args.tokenizer or folder}", f"model {args.model}")
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else tok.eos_id
     start = time.perf_counter()
@@ -115,7 +118,7 @@ def _train(args) -> int:
     print(f"[latent-jax] {cfg['name']}: {', '.join(methods)} on {d['task']} (train data: {d['train_source']},"
           f" reported on {valid}); output in {cfg['output_dir']}", file=sys.stderr)
     if cfg["compare"]:
-        res = run_compare(cfg, on_result=lambda r: print(f"[latent-jax] {r['method']}: {100 * r['accuracy']:.1f}%"
+        res = run_compare(cfg, fresh=args.fresh, on_result=lambda r: print(f"[latent-jax] {r['method']}: {100 * r['accuracy']:.1f}%"
                                                          f" in {r['wall_seconds']:.0f}s", file=sys.stderr))
         print()
         print(format_table(res["rows"]))
@@ -123,7 +126,7 @@ def _train(args) -> int:
         print(res["summary"])
         print(f"results: {cfg['output_dir']}/compare.json")
         return 0
-    result = run_train(cfg)
+    result = run_train(cfg, fresh=args.fresh)
     print()
     print(format_table([result]))
     print(f"result: {cfg['output_dir']}/result.json   model: {result['export']}")
@@ -133,7 +136,7 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from latent_jax.experiment import load_config, run_eval
 
-    res = run_eval(load_config(args.config, args.overrides), args.model_dir)
+    res = run_eval(load_config(args.config, args.overrides), args.model_dir, out=args.out, overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in res.items() if k != "examples"}, indent=2))
     return 0
 
@@ -173,16 +176,33 @@ def _analyze(args) -> int:
     return 0
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse a command line; `key=value` overrides may also follow the options
+    (`train prosqa_coconut --model gpt2 train.mesh.ici_fsdp=-1`). Anything else unknown exits with usage."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    bad = [x for x in extra if "=" not in x or x.startswith("-") or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "data":
         from latent_jax.data.cli import main as data_main
         return data_main(argv[1:])
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
+    if not logging.getLogger().handlers:  # library warnings (e.g. a corrupt checkpoint skipped) as one line each
+        logging.basicConfig(level=logging.WARNING, format=f"latent-jax {args.command}: %(levelname)s: %(message)s")
     try:
         return {"info": _info, "generate": _generate, "train": _train, "eval": _eval, "export": _export,
                 "vqvae": _vqvae, "analyze": _analyze}[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and type(e).__name__ not in ("RunLockedError", "CheckpointError"):
+            raise
         print(f"latent-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

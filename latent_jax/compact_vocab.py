@@ -104,17 +104,15 @@ def _split_keep(text: str, sep: str) -> list[str]:
     return out
 
 
-def load_any_tokenizer(path) -> Tokenizer | CompactTokenizer:
-    """`load_tokenizer`, restoring a compact or word (symbolic) vocabulary if the folder holds one."""
-    from latent_jax.word_tokenizer import META as WORD_META
-    from latent_jax.word_tokenizer import WordTokenizer
+def load_compact(p: pathlib.Path) -> CompactTokenizer:
+    """The compact tokenizer saved in model folder `p` (`CompactTokenizer.save`)."""
+    meta = json.loads((p / META).read_text())
+    tok = CompactTokenizer(load_tokenizer(p, plain=True), meta["base_ids"])
+    tok.add_special_tokens(sorted(meta["added"], key=meta["added"].get))
+    return tok
 
-    p = pathlib.Path(str(path))
-    if (p / WORD_META).exists():  # a symbolic-encoding model: its word vocabulary
-        return WordTokenizer.load(p)
-    if (p / META).exists():
-        meta = json.loads((p / META).read_text())
-        tok = CompactTokenizer(load_tokenizer(p), meta["base_ids"])
-        tok.add_special_tokens(sorted(meta["added"], key=meta["added"].get))
-        return tok
+
+def load_any_tokenizer(path) -> Tokenizer | CompactTokenizer:
+    """Same as `latent_jax.tokenizer.load_tokenizer` (which now restores compact and word vocabularies itself);
+    kept for older callers."""
     return load_tokenizer(path)

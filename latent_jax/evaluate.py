@@ -22,6 +22,12 @@ def extract_answer(text: str) -> str:
     return text.split("#")[-1].replace(",", "").strip()
 
 
+def r_head(record: dict[str, Any], n: int = 60) -> str:
+    """The start of a record's question, for error messages."""
+    q = str(record.get("question", ""))
+    return repr(q[:n] + ("..." if len(q) > n else ""))
+
+
 def layout_prompts(prompts: Sequence[Prompt], pad_id: int, bucket: int = 16, batch_size: int | None = None):
     """Arrays for `latent_generate_padded`: left-padded prefixes, right-aligned thought masks, suffixes."""
     suffix_lens = {len(p.suffix) for p in prompts}
@@ -49,10 +55,12 @@ def generate_prompts(graphdef, params, prompts: Sequence[Prompt], sampling: Samp
     """Generate for a batch of `Prompt`s. Returns list of token lists (EOS included)."""
     cfg = get_config(graphdef, params)
     prefix, mask, think, suffix = layout_prompts(prompts, pad_id, bucket, batch_size)
-    total = prefix.shape[1] + think.shape[1] + suffix.shape[1] + sampling.max_new_tokens
+    # positions count real tokens only (left padding takes cache slots, not positions)
+    total = max(len(p.prefix) + p.n_latent + len(p.suffix) for p in prompts) + sampling.max_new_tokens
     if total > cfg.max_positions:
-        raise ValueError(f"prompt + thoughts + max_new_tokens = {total} positions > max_positions"
-                         f" {cfg.max_positions}")
+        i = max(range(len(prompts)), key=lambda j: len(prompts[j].prefix) + prompts[j].n_latent)
+        raise ValueError(f"prompt {i} of the batch: prompt + thoughts + max_new_tokens = {total} positions >"
+                         f" max_positions {cfg.max_positions}")
     out, lengths = latent_generate_padded(graphdef, params, prefix, mask, think, suffix, jax.random.PRNGKey(seed),
                                           n_latent=think.shape[1], sampling=sampling, eos_ids=(eos_id,),
                                           pad_id=pad_id)
@@ -68,11 +76,18 @@ def evaluate(method, records: Sequence[dict[str, Any]], graphdef, params, stage:
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     correct, gen_tokens, shown = 0, [], []
     gen = getattr(method, "generate", None) or generate_prompts  # methods with their own decoding (LT, Soft Thinking)
+    max_positions = get_config(graphdef, params).max_positions if graphdef is not None else None  # None: a stub
     start = time.perf_counter()
-    for lo in tqdm(range(0, len(records), batch_size), desc=f"eval {method.name}", disable=not progress,
-                   leave=False):
+    for lo in tqdm(range(0, len(records), batch_size), desc=f"eval {method.name}", disable=not progress):
         chunk = records[lo:lo + batch_size]
-        outs = gen(graphdef, params, [method.prompt(r, stage) for r in chunk], sampling,
+        prompts = [method.prompt(r, stage) for r in chunk]
+        for i, p in enumerate(prompts):  # name the record before any compile
+            need = len(p.prefix) + p.n_latent + len(p.suffix) + max_new_tokens
+            if max_positions is not None and need > max_positions:
+                raise ValueError(f"record {lo + i} ({r_head(chunk[i])}): its prompt ({len(p.prefix)} tokens,"
+                                 f" {p.n_latent} thoughts, {len(p.suffix)} after them) + max_new_tokens"
+                                 f" {max_new_tokens} = {need} positions > the model's max_positions {max_positions}")
+        outs = gen(graphdef, params, prompts, sampling,
                                 eos_id=tok.eos_id, pad_id=tok.pad_id if tok.pad_id is not None else tok.eos_id,
                                 batch_size=batch_size)
         for r, o in zip(chunk, outs):
@@ -81,7 +96,7 @@ def evaluate(method, records: Sequence[dict[str, Any]], graphdef, params, stage:
             correct += ok
             gen_tokens.append(len(o))
             if len(shown) < n_show:
-                shown.append({"question": r["question"][-120:], "generated": text, "answer": r["answer"],
+                shown.append({"question": r["question"], "generated": text, "answer": r["answer"],
                               "correct": bool(ok)})
     elapsed = time.perf_counter() - start
     result = {"method": method.name, "stage": stage, "n": len(records), "accuracy": correct / max(len(records), 1),

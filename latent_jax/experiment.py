@@ -80,9 +80,34 @@ def load_config(path_or_name: str | None, overrides: list[str] = ()) -> dict[str
             if not isinstance(entry, dict) or "name" not in entry:
                 raise ValueError(f"compare[{i}] must be a method name or a mapping with a 'name', got {entry!r}")
             method_config(entry["name"], **{k: v for k, v in entry.items() if k != "name"})
+    _check_model_and_eval(cfg)
     cfg["name"] = cfg["name"] or (pathlib.Path(path_or_name).stem if path_or_name else "run")
     cfg["output_dir"] = cfg["output_dir"] or f"runs/{cfg['name']}"
     return cfg
+
+
+def _check_model_and_eval(cfg: dict) -> None:
+    """At load time, before any data or training: `model.overrides` keys are ModelConfig fields, `eval` values are
+    sane (a bad one used to surface only at the first evaluation, after an epoch of training)."""
+    import dataclasses
+
+    from latent_jax.config import ModelConfig
+
+    ov = cfg["model"]["overrides"]
+    if not isinstance(ov, dict):
+        raise ValueError(f"model.overrides must be a mapping of ModelConfig fields, got {ov!r}")
+    fields = sorted(f.name for f in dataclasses.fields(ModelConfig))
+    bad = sorted(set(ov) - set(fields))
+    if bad:
+        raise ValueError(f"unknown model.overrides key(s) {bad}; valid: {fields}")
+    ev = cfg["eval"]
+    for key in ("batch_size", "max_new_tokens"):
+        v = ev[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"eval.{key} must be an integer >= 1, got {v!r}")
+    if ev["stage"] is not None and (isinstance(ev["stage"], bool) or not isinstance(ev["stage"], int)
+                                    or ev["stage"] < 0):
+        raise ValueError(f"eval.stage must be null or an integer >= 0, got {ev['stage']!r}")
 
 
 def valid_is_generated(d: dict) -> bool:
@@ -181,7 +206,7 @@ def _records_and_build(cfg: dict):
 def build(cfg: dict, train_records, valid_records):
     """Tokenizer, method and (model_cfg, graphdef, params) for an experiment config."""
     from latent_jax.compact_vocab import META as COMPACT_META
-    from latent_jax.compact_vocab import CompactTokenizer, load_any_tokenizer
+    from latent_jax.compact_vocab import CompactTokenizer
     from latent_jax.config import gpt2_config, llama_config
     from latent_jax.hf import load_hf, resolve_checkpoint
     from latent_jax.methods import build_method, prepare_model
@@ -199,7 +224,7 @@ def build(cfg: dict, train_records, valid_records):
     if symbolic:  # one token per node: the word vocabulary is already compact, `tokenizer` and compact_vocab unused
         tok = WordTokenizer.load(folder) if folder is not None else WordTokenizer(symbolic_vocab())
     elif folder is not None and (pathlib.Path(folder) / COMPACT_META).exists():
-        tok = load_any_tokenizer(folder)  # our export of a compact-vocabulary model (e.g. the CoT stage to continue
+        tok = load_tokenizer(folder)  # our export of a compact-vocabulary model (e.g. the CoT stage to continue
     else:  # from, as Coconut and iCoT-SI do): its vocabulary is the model's, whatever `tokenizer` says
         tok = load_tokenizer(cfg["tokenizer"] or folder or ("gpt2" if m["family"] == "gpt2" else None))
     if m["compact_vocab"] and not symbolic:
@@ -212,6 +237,11 @@ def build(cfg: dict, train_records, valid_records):
     method = build_method(cfg["method"]["name"], tok, **options)
     if pretrained:
         mcfg, graphdef, params = load_hf(folder, param_dtype=m["param_dtype"], dtype=m["dtype"])
+        if tok.vocab_size < mcfg.vocab_size:  # more tokens than rows is fine: prepare_model grows the vocabulary
+            from latent_jax.tokenizer import check_vocab_fits
+
+            check_vocab_fits(tok.vocab_size, mcfg.vocab_size, f"tokenizer (with {method.name}'s tokens)",
+                             f"model.pretrained {pretrained}")
     else:
         maker = gpt2_config if m["family"] == "gpt2" else llama_config
         mcfg = maker(m["size"], **{**m["overrides"], "vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id,
@@ -234,6 +264,20 @@ def check_encoding(folder, cfg: dict, what: str = "model") -> None:
                          f" set data.encoding={have})")
 
 
+def stage_note(method, stage: int) -> str | None:
+    """What an evaluated curriculum stage means, where the number alone does not say it (a Coconut-family stage
+    past `max_latent_stage`: every written step removed)."""
+    c = getattr(method, "cfg", None)
+    m = getattr(c, "max_latent_stage", None)
+    if m is None or getattr(c, "variant", None) in ("cot", "no_cot") or stage <= m:
+        return None
+    k = getattr(c, "c_thought", 1)
+    slots = f"{m * k} thought slots" if getattr(c, "pad_latent_to_max", False) else \
+        f"up to {m * k} thought slots (min(steps, {m}) x c_thought {k})"
+    return (f"stage {stage} = past max_latent_stage {m}: every written reasoning step removed, {slots}"
+            + (" of <pause>" if c.variant == "pause_as_thought" else ", none" if k == 0 else ""))
+
+
 def final_stage(method, cfg: dict) -> int:
     """The configured eval stage, else the final one (beyond max_latent_stage: all steps removed)."""
     if cfg["eval"]["stage"] is not None:
@@ -242,14 +286,32 @@ def final_stage(method, cfg: dict) -> int:
     return n if n > 1 else 0
 
 
-def run_train(cfg: dict, progress: bool = True) -> dict:
-    """Train + evaluate + export. Returns the result dict (also written to {output_dir}/result.json)."""
+def run_train(cfg: dict, progress: bool = True, fresh: bool = False) -> dict:
+    """Train + evaluate + export. Returns the result dict (also written to {output_dir}/result.json). The run
+    folder is locked for the call (`latent_jax.runlock`); `fresh`: delete its earlier training state
+    ({output_dir}/train: checkpoints, kept-best, metrics) and start from scratch instead of resuming."""
+    import jax
+
+    from latent_jax.runlock import RunLock
+
+    t0 = time.perf_counter()
+    out = pathlib.Path(cfg["output_dir"])
+    if jax.process_index() != 0:
+        return _run_train(cfg, progress, fresh, t0)
+    with RunLock(out):
+        return _run_train(cfg, progress, fresh, t0)
+
+
+def _run_train(cfg: dict, progress: bool, fresh: bool, t0: float) -> dict:
+    import shutil
+
     from latent_jax.evaluate import evaluate
     from latent_jax.hf import save_hf
     from latent_jax.trainer import TrainConfig, train
 
-    t0 = time.perf_counter()
     out = pathlib.Path(cfg["output_dir"])
+    if fresh and (out / "train").exists():
+        shutil.rmtree(out / "train")
     train_records, valid_records, select_records, (tok, method, mcfg, graphdef, params) = _records_and_build(cfg)
     tcfg = {"output_dir": str(out / "train"), **cfg["train"]}
     if hasattr(method.cfg, "max_latent_stage"):
@@ -266,7 +328,7 @@ def run_train(cfg: dict, progress: bool = True) -> dict:
 
     if hasattr(method, "prepare_data"):  # e.g. Token Assorted fits its VQ-VAE on the training CoTs
         method.prepare_data(train_records, out)
-    result = train(method, train_records, graphdef, params, tcfg, eval_fn=eval_fn)
+    result = train(method, train_records, graphdef, params, tcfg, eval_fn=eval_fn, wall_start=t0)
     best = result.best_params if result.best_params is not None else result.params
     stage = final_stage(method, cfg)
     final = evaluate(method, valid_records, graphdef, best, stage, batch_size=ev["batch_size"],
@@ -279,41 +341,57 @@ def run_train(cfg: dict, progress: bool = True) -> dict:
                "select_records": len(select_records), "model_params": mcfg.num_params(), "eval_stage": stage,
                "accuracy": final["accuracy"], "mean_generated_tokens": final["mean_generated_tokens"],
                "seconds_per_question": final["seconds_per_question"], "epochs": tcfg.epochs,
-               "wall_seconds": time.perf_counter() - t0, "export": str(export), "history": result.history,
+               "stage_note": stage_note(method, stage),
+               "wall_seconds": result.wall_before + time.perf_counter() - t0, "export": str(export), "history": result.history,
                "train_seconds": result.history[-1].get("train_seconds") if result.history else None,
                "examples": final["examples"], "config": cfg}
     (out / "result.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
-def run_eval(cfg: dict, model_dir: str, progress: bool = True) -> dict:
-    """Evaluate an exported model folder (HF weights + tokenizer, as `run_train` writes) on the config's task."""
-    from latent_jax.compact_vocab import load_any_tokenizer
+def run_eval(cfg: dict, model_dir: str, progress: bool = True, out: str | None = None,
+             overwrite: bool = False) -> dict:
+    """Evaluate an exported model folder (HF weights + tokenizer, as `run_train` writes) on the config's task.
+    The result goes to `out` (a JSON file) or, by default, to `{model_dir}/eval.json`: never into the config's
+    `output_dir`, whose `eval.json` is the training run's own. An existing `out` is kept unless `overwrite`."""
     from latent_jax.evaluate import evaluate
     from latent_jax.hf import load_hf
     from latent_jax.methods import build_method
+    from latent_jax.tokenizer import check_vocab_fits, load_tokenizer
 
     check_encoding(model_dir, cfg, "--model-dir")
+    out_path = pathlib.Path(out) if out else pathlib.Path(model_dir) / "eval.json"
+    if out and out_path.exists() and not overwrite:
+        raise FileExistsError(f"{out_path} exists: pass --overwrite to replace it, or another --out")
     valid = _valid_records(cfg["data"])
-    tok = load_any_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir)
     method = build_method(cfg["method"]["name"], tok, **{k: v for k, v in cfg["method"].items() if k != "name"})
-    _, graphdef, params = load_hf(model_dir)
-    return evaluate(method, valid, graphdef, params, final_stage(method, cfg), batch_size=cfg["eval"]["batch_size"],
-                    max_new_tokens=cfg["eval"]["max_new_tokens"], progress=progress,
-                    out_path=pathlib.Path(cfg["output_dir"]) / "eval.json")
+    mcfg, graphdef, params = load_hf(model_dir)
+    check_vocab_fits(tok.vocab_size, mcfg.vocab_size, f"tokenizer of {model_dir} (with {method.name}'s tokens)",
+                     str(model_dir))
+    res = evaluate(method, valid, graphdef, params, final_stage(method, cfg), batch_size=cfg["eval"]["batch_size"],
+                   max_new_tokens=cfg["eval"]["max_new_tokens"], progress=progress, out_path=out_path)
+    return {**res, "out": str(out_path)}
 
 
-def run_compare(cfg: dict, progress: bool = True, on_result=None) -> dict:
+def run_compare(cfg: dict, progress: bool = True, on_result=None, fresh: bool = False) -> dict:
     """Train and evaluate every method of `cfg["compare"]` at the config's one budget (data, model, train, eval),
     each in `{output_dir}/{method}`; returns `{"rows": [result, ...], "summary": sentence}` (also written to
     `{output_dir}/compare.json`). `on_result(result)` is called after each method (e.g. to print its row)."""
+    from latent_jax.runlock import RunLock
+
     rows = []
     out = pathlib.Path(cfg["output_dir"])
+    with RunLock(out, "comparison"):
+        return _run_compare(cfg, progress, on_result, fresh, rows, out)
+
+
+def _run_compare(cfg: dict, progress: bool, on_result, fresh: bool, rows: list, out: pathlib.Path) -> dict:
     for entry in cfg["compare"]:
         sub = copy.deepcopy(cfg)
         sub.update(name=f"{cfg['name']}_{entry['name']}", output_dir=str(out / entry["name"]), method=dict(entry),
                    compare=None)
-        rows.append(run_train(sub, progress=progress))
+        rows.append(run_train(sub, progress=progress, fresh=fresh))
         if on_result is not None:
             on_result(rows[-1])
     summary = compare_summary(rows, cfg)
@@ -360,7 +438,8 @@ def format_table(rows: list[dict]) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
     lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
+    notes = sorted({f"{r['method']}: {r['stage_note']}" for r in rows if r.get("stage_note")})
+    return "\n".join(lines + [f"  ({n})" for n in notes])
 
 
 def run_export(cfg: dict, checkpoint_dir: str, out: str, step: int | None = None) -> pathlib.Path:
@@ -371,7 +450,7 @@ def run_export(cfg: dict, checkpoint_dir: str, out: str, step: int | None = None
     *_, (tok, _, mcfg, _, params) = _records_and_build(cfg)
     ckpt = Checkpointer(checkpoint_dir, async_save=False)
     try:
-        restored, _ = ckpt.restore(step, abstract_like(params))
+        restored = ckpt.restore_good(abstract_like(params), step=step)[2]
     finally:
         ckpt.close()
     folder = save_hf(out, mcfg, restored)

@@ -109,9 +109,10 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], sampling: Sampl
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
     pad = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else 0)
     tokens, mask = pad_left(prompts, pad, bucket)
-    if tokens.shape[1] + sampling.max_new_tokens > cfg.max_positions:
-        raise ValueError(f"prompt ({tokens.shape[1]} padded) + max_new_tokens ({sampling.max_new_tokens}) exceeds"
-                         f" the model's max_positions {cfg.max_positions}")
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    if len(prompts[longest]) + sampling.max_new_tokens > cfg.max_positions:  # padding takes no positions
+        raise ValueError(f"prompt {longest} ({len(prompts[longest])} tokens) + max_new_tokens"
+                         f" ({sampling.max_new_tokens}) exceeds the model's max_positions {cfg.max_positions}")
     out, lengths = generate_padded(graphdef, params, tokens, mask, jax.random.PRNGKey(seed), sampling=sampling,
                                    eos_ids=eos_ids, pad_id=pad)
     out, lengths = np.asarray(out), np.asarray(lengths)

@@ -266,17 +266,81 @@ def _load_saved(folder: Path) -> Tokenizer:
     return tok
 
 
-def load_tokenizer(path: PathLike) -> Tokenizer:
+def folder_added_tokens(folder: Path) -> list[tuple[str, int]]:
+    """(token, id) pairs a Hugging Face folder declares beside its base files, sorted by id: ``added_tokens.json``
+    (``{token: id}``), ``tokenizer_config.json``'s ``added_tokens_decoder`` and ``tokenizer.json``'s
+    ``added_tokens`` (what ``save_pretrained`` writes after ``add_tokens``, e.g. Coconut's three latent tokens)."""
+    found: dict[str, tuple[int, str]] = {}
+
+    def put(token, i, source):
+        if not isinstance(token, str) or isinstance(i, bool):
+            raise ValueError(f"{folder / source}: invalid added token entry {token!r}: {i!r}")
+        i = int(i)
+        if token in found and found[token][0] != i:
+            raise ValueError(f"{folder}: added token {token!r} has id {found[token][0]} in {found[token][1]} but"
+                             f" {i} in {source}")
+        found[token] = (i, source)
+
+    for name in ("added_tokens.json", "tokenizer_config.json", "tokenizer.json"):
+        f = folder / name
+        if not f.is_file():
+            continue
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ValueError(f"{f}: not valid JSON ({e})") from e
+        if name == "added_tokens.json":
+            for t, i in data.items():
+                put(t, i, name)
+        elif name == "tokenizer_config.json":
+            for i, entry in (data.get("added_tokens_decoder") or {}).items():
+                put(entry.get("content") if isinstance(entry, dict) else None, i, name)
+        else:
+            for entry in data.get("added_tokens") or []:
+                put(entry.get("content"), entry.get("id"), name)
+    return sorted(((t, i) for t, (i, _) in found.items()), key=lambda x: x[1])
+
+
+def _with_folder_added(tok: Tokenizer, folder: Path) -> Tokenizer:
+    """Add the folder's declared added tokens (ids past the base vocabulary, in id order) to a tokenizer loaded
+    from its base files; a token whose id the base already gives differently is an error naming both."""
+    for t, i in folder_added_tokens(folder):
+        have = tok.token_to_id(t)
+        if have is None:
+            if i != tok.vocab_size:
+                raise ValueError(f"{folder}: added token {t!r} has id {i} but the next free id is {tok.vocab_size}"
+                                 " (ids must follow the base vocabulary without gaps)")
+            tok.add_special_tokens([t])
+        elif have != i:
+            raise ValueError(f"{folder}: added token {t!r} has id {i} but the base vocabulary gives it {have}")
+    return tok
+
+
+def load_tokenizer(path: PathLike, plain: bool = False) -> Tokenizer:
     """Load a tokenizer from ``"gpt2"`` (packaged files), a folder, or a file, detecting the format.
 
-    Folders are checked for, in order: ``latent_jax_tokenizer.json`` (from :meth:`Tokenizer.save`),
-    ``vocab.json`` + ``merges.txt`` (GPT-2), ``tokenizer.model`` (tiktoken/Llama-3), ``tokenizer.json`` (HF).
+    Folders are checked for, in order: a word vocabulary (``latent_jax_word_vocab.json``, a symbolic-encoding
+    export: :class:`latent_jax.word_tokenizer.WordTokenizer`), a compact vocabulary
+    (``latent_jax_compact_vocab.json``: :class:`latent_jax.compact_vocab.CompactTokenizer`), so that every folder
+    latent_jax exports loads with the ids its model was trained on; then ``latent_jax_tokenizer.json`` (from
+    :meth:`Tokenizer.save`), ``vocab.json`` + ``merges.txt`` (GPT-2), ``tokenizer.model`` (tiktoken/Llama-3),
+    ``tokenizer.json`` (HF). ``plain=True`` skips the first two (the base tokenizer of a compact one). Base files
+    are completed with the tokens the folder declares as added (`folder_added_tokens`), so a folder written by
+    ``save_pretrained`` after ``add_tokens`` (a reference Coconut checkpoint: GPT-2 + 3 latent tokens, 50,260
+    rows) loads with all of them.
     """
     if str(path) == "gpt2" and not Path(path).exists():
         return _LOADERS["gpt2"](ASSETS_DIR / "gpt2")
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"tokenizer path not found: {p}")
+    if p.is_dir() and not plain:
+        from latent_jax import compact_vocab, word_tokenizer  # they build on this module
+
+        if (p / word_tokenizer.META).is_file():
+            return word_tokenizer.WordTokenizer.load(p)
+        if (p / compact_vocab.META).is_file():
+            return compact_vocab.load_compact(p)
     if p.is_file():
         if p.name == META_FILE:
             return _load_saved(p.parent)
@@ -288,12 +352,21 @@ def load_tokenizer(path: PathLike) -> Tokenizer:
     if (p / META_FILE).is_file():
         return _load_saved(p)
     if (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
-        return _LOADERS["gpt2"](p)
+        return _with_folder_added(_LOADERS["gpt2"](p), p)
     if (p / "tokenizer.model").is_file():  # prefer tokenizer.json over a SentencePiece tokenizer.model
         with open(p / "tokenizer.model", "rb") as f:
             if not (p / "tokenizer.json").is_file() or re.fullmatch(rb"[A-Za-z0-9+/=]+ 0\s*", f.readline()):
-                return _LOADERS["llama3"](p)
+                return _with_folder_added(_LOADERS["llama3"](p), p)
     if (p / "tokenizer.json").is_file():
         return _LOADERS["hf"](p)
     raise FileNotFoundError(f"no tokenizer files in {p}: looked for {META_FILE}, vocab.json + merges.txt, "
                             f"tokenizer.model (tiktoken ranks), tokenizer.json")
+
+
+def check_vocab_fits(tokenizer_size: int, model_rows: int, what: str = "tokenizer", model: str = "the model") -> None:
+    """Raise ValueError naming both sizes when a tokenizer cannot be the one of a model with `model_rows` embedding
+    rows: more tokens than rows, or fewer where the rows are not a padded size (a multiple of 64), e.g. GPT-2's
+    50,257-token tokenizer on a 50,260-row Coconut checkpoint whose three added tokens were not loaded."""
+    if tokenizer_size > model_rows or (tokenizer_size < model_rows and model_rows % 64):
+        raise ValueError(f"{what} has {tokenizer_size} tokens but {model} has {model_rows} embedding rows: wrong"
+                         " tokenizer for this model (a folder latent_jax exported carries its own; pass that one)")

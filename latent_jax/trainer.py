@@ -11,7 +11,6 @@ global step. Keep-best: the best evaluated epoch (ties: the later; only epochs t
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import time
@@ -19,21 +18,21 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from tqdm.auto import tqdm
 
-from latent_jax.checkpoint import Checkpointer, MetricsLog, abstract_like, check_compatible
+from latent_jax.checkpoint import Checkpointer, CheckpointError, MetricsLog, abstract_like, check_compatible
 from latent_jax.config import REMAT, check_keys
+from latent_jax.latent import loss_fn
 from latent_jax.data.pipeline import (Placement, epoch_dataset, epoch_iterator, fingerprint,
                                       micro_batches_per_epoch, same_layout_across_hosts, scheduled_stage)
-from latent_jax.latent import loss_fn
 from latent_jax.models import get_config
-from latent_jax.models.transformer import with_remat
-from latent_jax.sharding import MeshConfig, jit_sharded
+from latent_jax.runlock import RunLock
+from latent_jax.sharding import MeshConfig
+from latent_jax.train_step import TrainState, make_optimizer, make_steps, train_step  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 SCHEDULES, RESETS = ("constant", "cosine", "linear"), ("stage", "epoch", "never")
+NORMALIZATIONS = ("tokens", "micro_batch")
 # Fields that may change when a run is resumed (they do not change the training trajectory).
 RESUMABLE = ("log_every", "checkpoint_every_steps", "keep_checkpoints", "output_dir", "eval_every_epoch", "progress",
              "mesh", "remat", "fixed_shapes")  # fixed_shapes: padding only (`pad_batch` keeps the loss)
@@ -69,6 +68,11 @@ class TrainConfig:
     progress: bool = True
     mesh: dict | None = None  # MeshConfig keys (latent_jax.sharding), e.g. {ici_fsdp: -1}; None: data parallel
     remat: str | None = None  # "none" | "full" | "dots": overrides the model config's remat; None keeps it
+    # "tokens": the step's gradient is that of (sum of token losses) / (tokens of all its micro-batches), as one big
+    # batch; "micro_batch": the mean of each micro-batch's mean token loss (the reference's accumulation: loss /
+    # gradient_accumulation_steps per micro-batch; its DDP average of per-GPU means is this with micro-batch = the
+    # per-GPU batch and grad_accum = GPUs x accumulation steps)
+    loss_normalization: str = "tokens"
 
     def __post_init__(self):
         if self.output_dir is not None:
@@ -95,6 +99,7 @@ class TrainConfig:
             ("lr", math.isfinite(self.lr) and self.lr > 0, "finite and > 0"),
             ("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
             ("reset_optimizer", self.reset_optimizer in RESETS, f"one of {RESETS}"),
+            ("loss_normalization", self.loss_normalization in NORMALIZATIONS, f"one of {NORMALIZATIONS}"),
             ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "None or > 0"),
             ("max_len", self.max_len is None or self.max_len >= 2, "None or >= 2"),
             ("checkpoint_every_steps", self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
@@ -134,67 +139,20 @@ class TrainResult:
     history: list[dict[str, Any]]  # one dict per epoch: epoch, stage, step, train_loss, scalar eval metrics
     step: int = 0  # optimizer steps done
     opt_state: Any = None
-
-
-def make_optimizer(weight_decay: float, grad_clip: float | None) -> optax.GradientTransformation:
-    """AdamW at lr 1 (the trainer scales updates by the scheduled lr), after optional global-norm clipping.
-    Weight decay applies to every parameter, as torch.optim.AdamW in the reference."""
-    adamw = optax.adamw(1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
-    return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip else adamw
-
-
-@functools.lru_cache(maxsize=8)
-def make_steps(graphdef, weight_decay: float, grad_clip: float | None, loss: Callable = loss_fn,
-               mesh: Any = None, remat: str | None = None) -> tuple[Any, Callable, Callable]:
-    """(optimizer, micro_step, apply_step), the steps jitted (cached per model graph, optimizer and loss function:
-    `loss(params, graphdef, batch, prefix_len, n_latent) -> (loss, aux)`, default the latent loop's);
-    graphdef is closed over (static).
-    micro_step(params, acc, batch, prefix_len, n_latent) adds d(sum of token losses)/d(params) to acc (donated);
-    apply_step(params, opt_state, acc, n_tokens, lr) applies AdamW to acc / n_tokens (params, state donated).
-    mesh (a `jax.sharding.Mesh` of `latent_jax.sharding.make_mesh`): in/out shardings by the logical-axis rules
-    (params, opt_state, acc) and the batch over (data, fsdp), traced with the mesh active. remat: overrides the
-    model config's `remat` ("none" | "full" | "dots")."""
-    tx = make_optimizer(weight_decay, grad_clip)
-
-    def micro(params, acc, batch, prefix_len: int, n_latent: int):
-        g = graphdef if remat is None else with_remat(graphdef, params, remat)
-
-        def summed(p):
-            _, aux = loss(p, g, batch, prefix_len, n_latent)
-            return aux["loss_sum"], aux
-
-        (_, aux), grads = jax.value_and_grad(summed, has_aux=True)(params)
-        acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads)
-        return acc, {"loss_sum": aux["loss_sum"], "n_tokens": aux["n_tokens"], "n_input": batch["mask"].sum()}
-
-    def apply(params, opt_state, acc, n_tokens, lr):
-        grads = jax.tree.map(lambda a, p: (a / jnp.maximum(n_tokens, 1)).astype(p.dtype), acc, params)
-        gnorm = optax.tree.norm(grads)
-        updates, new_opt = tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, jax.tree.map(lambda u: lr * u, updates))
-        ok = jnp.isfinite(gnorm)  # never let a non-finite gradient touch the state
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
-        return keep(new_params, params), keep(new_opt, opt_state), jax.tree.map(jnp.zeros_like, acc), gnorm
-
-    if mesh is not None:
-        return (tx, jit_sharded(micro, mesh, ("tree", "tree", "batch"), (1, "replicated"),
-                                static_argnames=("prefix_len", "n_latent"), donate_argnums=(1,)),
-                jit_sharded(apply, mesh, ("tree", "tree", "tree", None, None), (0, 1, 2, "replicated"),
-                            donate_argnums=(0, 1, 2)))
-    return (tx, jax.jit(micro, static_argnames=("prefix_len", "n_latent"), donate_argnames=("acc",)),
-            jax.jit(apply, donate_argnames=("params", "opt_state", "acc")))
-
-
-def _scalar(x) -> float:
-    return float(np.asarray(x.addressable_data(0))) if isinstance(x, jax.Array) else float(x)
+    wall_before: float = 0.0  # wall seconds of earlier processes of a resumed run (up to their last checkpoint)
 
 
 def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg: TrainConfig,
           eval_fn: Callable[[Any, Any, int], dict[str, Any]] | None = None, resume: bool = True,
-          on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+          on_step: Callable[[dict[str, Any]], None] | None = None, wall_start: float | None = None) -> TrainResult:
     """Train `params` on `train_records` with `method`'s curriculum. Resumes from `cfg.output_dir` when it holds
     checkpoints (resume=False then raises). `eval_fn(graphdef, params, stage) -> {"accuracy": ...}` runs after
-    each epoch; `on_step(metrics)` after each optimizer step. Non-finite loss/gradient -> FloatingPointError."""
+    each epoch; `on_step(metrics)` after each optimizer step. Non-finite loss/gradient -> FloatingPointError.
+    `cfg.output_dir` is locked for the call (`latent_jax.runlock`: a second process training into it is refused).
+    A corrupt newest checkpoint falls back to the newest good one (`Checkpointer.restore_good`). `wall_start`
+    (a `time.perf_counter()` value, default: now) starts this process's share of the run's cumulative
+    `wall_seconds` (kept in the checkpoints, so a resumed run counts its earlier processes too)."""
+    wall_start = time.perf_counter() if wall_start is None else wall_start
     model_cfg = get_config(graphdef, params)
     max_len = cfg.max_len or model_cfg.max_positions
     if max_len > model_cfg.max_positions:
@@ -205,7 +163,7 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
     steps_per_epoch = -(-n_micro // cfg.grad_accum)
     loss_for = getattr(method, "loss_for_stage", lambda stage: loss_fn)
     place = Placement(cfg.batch_size * pc, cfg.mesh)
-    tx, _, apply_step = make_steps(graphdef, cfg.weight_decay, cfg.grad_clip, mesh=place.mesh, remat=cfg.remat)
+    tx, rng0 = make_optimizer(cfg.weight_decay, cfg.grad_clip), jax.random.PRNGKey(cfg.seed)
     schedule = getattr(method, "schedule", None)
     # "stage" resets only where the stage means something: a curriculum (num_stages > 1) or the method's own
     # schedule (iCoT-SI removal counts); CoT / No-CoT / Pause keep their AdamW moments across epochs
@@ -221,33 +179,52 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
                   if k not in RESUMABLE and not (k == "epochs" and cfg.schedule == "constant")}
     trajectory.update(method=getattr(method, "name", type(method).__name__), n_records=len(train_records),
                       data=fingerprint(train_records), process_count=pc)
+    if dataclasses.is_dataclass(getattr(method, "cfg", None)):  # c_thought, max_latent_stage, ...: the run's identity
+        trajectory["method_config"] = dataclasses.asdict(method.cfg)
     out = cfg.output_dir
-    ckpt = Checkpointer(f"{out}/checkpoints", cfg.keep_checkpoints) if out else None
-    best_ckpt = Checkpointer(f"{out}/best", 1) if out and eval_fn is not None else None
+    lock = RunLock(out, "training run").acquire() if out and main else None  # before anything is written there
+    try:
+        ckpt = Checkpointer(f"{out}/checkpoints", cfg.keep_checkpoints) if out else None
+        best_ckpt = Checkpointer(f"{out}/best", 1) if out and eval_fn is not None else None
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     bar = tqdm(total=total_steps, disable=not (main and cfg.progress), desc="train", dynamic_ncols=True)
     try:  # from here on, pending checkpoints are committed and closed whatever happens
         step, epoch, micro, history, elapsed, t_start = 0, 0, 0, [], 0.0, time.perf_counter()
         best_acc, best_params, epoch_loss, epoch_tokens, last_stage = None, None, 0.0, 0, None
-        restored = ckpt.latest_step() if ckpt else None
+        restored, wall_before = (ckpt.latest_step() if ckpt else None), 0.0
         if restored is not None:
             if not resume:
                 raise ValueError(f"{ckpt.directory} holds checkpoints (latest step {restored}); pass resume=True to"
                                  " continue that run or use another output_dir")
-            meta = ckpt.restore_meta(restored)
-            check_compatible(meta, model_cfg.to_dict(), comparable_trajectory(trajectory, meta.get("train_config", {})),
-                             ckpt.directory / str(restored))
+
+            def check(meta, s):  # a different run is refused, never skipped as "corrupt"
+                check_compatible(meta, model_cfg.to_dict(),
+                                 comparable_trajectory(trajectory, meta.get("train_config", {})), ckpt.directory / str(s))
+
+            restored, meta, params, opt_state = ckpt.restore_good(abstract_like(params), abstract_like(opt_state),
+                                                                  check_meta=check)
+            for s in ckpt.all_steps():  # corrupt steps newer than the one resumed are re-run (and re-saved)
+                if s > restored:
+                    ckpt.delete(s)
             step, epoch, micro, history = meta["step"], meta["epoch"], meta["micro"], meta["history"]
             best_acc, epoch_loss, epoch_tokens = meta["best_accuracy"], meta["epoch_loss"], meta["epoch_tokens"]
             last_stage, elapsed = meta.get("last_stage"), meta.get("train_seconds", 0.0)
+            wall_before = meta.get("wall_seconds", elapsed)
             if meta.get("method_state") is not None and hasattr(method, "set_state"):
                 method.set_state(meta["method_state"])
-            params, opt_state = ckpt.restore(restored, abstract_like(params), abstract_like(opt_state))
         if best_ckpt is not None:
             for s in best_ckpt.all_steps():  # a "best" newer than the resumed step will be recomputed
                 if s > step or restored is None:
-                    best_ckpt.manager.delete(s)
+                    best_ckpt.delete(s)
             if best_acc is not None:
-                best_params = best_ckpt.restore(None, abstract_like(params))[0]
+                try:
+                    best_params = best_ckpt.restore_good(abstract_like(params))[2]
+                except (CheckpointError, FileNotFoundError) as e:  # keep-best restarts from the next evaluation
+                    log.warning("the kept-best params cannot be restored (%s); keep-best starts again", e)
+                    best_acc = None
         metrics = MetricsLog(cfg.output_dir, step)
         bar.update(step)
 
@@ -256,6 +233,7 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
                         method_state=method.get_state() if hasattr(method, "get_state") else None, history=history,
                         best_accuracy=best_acc, epoch_loss=epoch_loss, epoch_tokens=epoch_tokens, seed=cfg.seed,
                         train_seconds=elapsed + time.perf_counter() - t_start,
+                        wall_seconds=wall_before + time.perf_counter() - wall_start,
                         model_config=model_cfg.to_dict(), train_config=trajectory, train_config_full=cfg.to_dict())
             ckpt.save(step, params, meta, opt_state, data_iter)
 
@@ -274,29 +252,27 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
             if micro == 0 and epoch > 0 and cfg.reset_optimizer == "epoch":
                 opt_state = place.tree(tx.init(params))
             while micro < n_micro:
-                t0, stats, stage = time.perf_counter(), [], stage_at(epoch, micro)
+                t0, stage = time.perf_counter(), stage_at(epoch, micro)
                 if staged and last_stage is not None and stage != last_stage and cfg.reset_optimizer == "stage":
                     opt_state = place.tree(tx.init(params))  # the stage (curriculum / removal count) changed
                 last_stage = stage
-                micro_step = make_steps(graphdef, cfg.weight_decay, cfg.grad_clip, loss_for(stage), mesh=place.mesh,
-                                        remat=cfg.remat)[1]
-                for _ in range(min(cfg.grad_accum, n_micro - micro)):
-                    b = same_layout_across_hosts(next(it))
-                    acc, s = micro_step(params, acc, place.batch(b), b.prefix_len, b.n_latent)
-                    stats.append(s)
-                    micro += 1
-                loss_sum = sum(_scalar(s["loss_sum"]) for s in stats)
-                n_tok = sum(int(_scalar(s["n_tokens"])) for s in stats)
-                loss, lr = loss_sum / max(n_tok, 1), cfg.lr_at(step, total_steps)
-                if not math.isfinite(loss):
+                state = TrainState(params, opt_state, acc, jnp.int32(step), jax.random.fold_in(rng0, step), graphdef,
+                                   cfg.lr, cfg.weight_decay, cfg.grad_clip)
+                k = min(cfg.grad_accum, n_micro - micro)  # micro-batches collated lazily (overlaps the dispatch)
+                lr = cfg.lr_at(step, total_steps)
+                state, m = train_step(state, (same_layout_across_hosts(next(it)) for _ in range(k)), lr=lr,
+                                      loss=loss_for(stage), normalization=cfg.loss_normalization, mesh=place.mesh,
+                                      remat=cfg.remat, place=place.batch)
+                params, opt_state, acc, micro = state.params, state.opt_state, state.grad_acc, micro + k
+                loss_sum, n_tok, loss = m["loss_sum"], m["n_tokens"], m["loss"]
+                if not math.isfinite(loss):  # a non-finite gradient left params and optimizer state unchanged
                     _fail(ckpt, f"loss is {loss}", step, epoch, stage)
-                params, opt_state, acc, gnorm = apply_step(params, opt_state, acc, jnp.float32(n_tok), jnp.float32(lr))
-                if not math.isfinite(_scalar(gnorm)):
-                    _fail(ckpt, f"gradient norm is {_scalar(gnorm)}", step, epoch, stage)
+                if not math.isfinite(m["grad_norm"]):
+                    _fail(ckpt, f"gradient norm is {m['grad_norm']}", step, epoch, stage)
                 step, epoch_loss, epoch_tokens = step + 1, epoch_loss + loss_sum, epoch_tokens + n_tok
                 dt = time.perf_counter() - t0
-                rec = dict(step=step, epoch=epoch, stage=stage, loss=loss, tokens=n_tok,
-                           tok_per_s=sum(_scalar(s["n_input"]) for s in stats) / dt, lr=lr, grad_norm=_scalar(gnorm))
+                rec = dict(step=step, epoch=epoch, stage=stage, loss=loss, tokens=n_tok, tok_per_s=m["n_input"] / dt,
+                           lr=lr, grad_norm=m["grad_norm"])
                 metrics.write(rec)
                 bar.update(1)
                 if step % cfg.log_every == 0:
@@ -334,19 +310,25 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
         for c in (ckpt, best_ckpt):
             if c is not None:
                 c.close()
-    return TrainResult(params, best_params, best_acc, history, step, opt_state)
+        if lock is not None:
+            lock.release()
+    return TrainResult(params, best_params, best_acc, history, step, opt_state, wall_before)
 
 
 def comparable_trajectory(trajectory: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
     """`trajectory` without the keys a checkpoint written before they existed lacks, where they hold their
     default (a TrainConfig field added later, e.g. `length_groups: 0`, changes nothing in an older run)."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in trajectory.items() if k in saved or k not in defaults or v != defaults[k]}
+    return {k: v for k, v in trajectory.items()
+            if k in saved or (k not in defaults and k not in ADDED_LATER) or (k in defaults and v != defaults[k])}
+
+
+ADDED_LATER = ("method_config",)  # identity keys that checkpoints of older versions do not carry (not checked then)
 
 
 def _fail(ckpt: Checkpointer | None, what: str, step: int, epoch: int, stage: int):
     """Stop on a non-finite loss: keep the last good checkpoint (pending saves are committed, nothing new)."""
-    last = (ckpt.wait(), ckpt.latest_step())[1] if ckpt is not None else None
+    last = (ckpt.wait(), ckpt.latest_good_step())[1] if ckpt is not None else None
     where = (f"last good checkpoint: step {last} in {ckpt.directory}" if last is not None else
              "no checkpoint yet" if ckpt is not None else "no checkpointing (output_dir is None)")
     raise FloatingPointError(f"{what} at optimizer step {step + 1} (epoch {epoch}, stage {stage}); training"

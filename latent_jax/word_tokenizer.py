@@ -3,7 +3,7 @@
 Text is split into ``\\n`` and runs of non-space characters; every piece must be a vocabulary word or an added
 special token (else a ValueError naming it). Decoding joins words with single spaces (``\\n`` stands alone). Same
 API as :class:`latent_jax.tokenizer.Tokenizer` (``encode``/``decode``/``add_special_tokens``/``save``/ids), and
-:func:`latent_jax.compact_vocab.load_any_tokenizer` reloads a saved one from a model folder.
+:func:`latent_jax.tokenizer.load_tokenizer` reloads a saved one from a model folder.
 """
 from __future__ import annotations
 

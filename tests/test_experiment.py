@@ -89,9 +89,12 @@ def test_train_export_eval_end_to_end(tmp_path, capsys):
     assert (tmp_path / "run2" / "export" / META).exists()
     assert load_any_tokenizer(tmp_path / "run2" / "export").vocab_size == load_any_tokenizer(out / "export").vocab_size
     assert forward(g1, p1, tokens=toks).logits.shape == forward(g0, p0, tokens=toks).logits.shape
+    run_eval_before = (out / "eval.json").read_text()
     assert main(["eval", "prosqa_coconut_cpu", *ov, "--model-dir", str(out / "export")]) == 0
-    ev = json.loads((out / "eval.json").read_text())
-    assert ev["accuracy"] == result["accuracy"] and ev["n"] == 6
+    ev = json.loads((out / "export" / "eval.json").read_text())  # into the model's folder, not over the run's
+    assert ev["accuracy"] == result["accuracy"] and ev["n"] == 6 and (out / "eval.json").read_text() == run_eval_before
+    # data.select: valid (the default): keep-best evaluated every epoch on the 6 validation records
+    assert result["select"] == "valid" and [h["n"] for h in result["history"]] == [6, 6]
 
 
 def test_selection_records_are_held_out_generated_questions():
@@ -116,7 +119,7 @@ def test_selection_records_are_held_out_generated_questions():
         _select_records({"data": {**cfg["data"], "select_n": 5500}}, train, valid)
 
 
-@pytest.mark.parametrize("select", ["valid", "generated"])
+@pytest.mark.parametrize("select", ["generated"])  # "valid" (the default) is checked by the end-to-end test
 def test_keep_best_selects_on_the_configured_records(tmp_path, monkeypatch, select):
     """Per-epoch evals (keep-best) run on the selection records; the final report always on the validation file."""
     import json

@@ -160,3 +160,44 @@ def test_init_token_that_encodes_to_nothing_is_an_error(name):
     assert build_method(name, tok, init_token="<<").init_token_id() == tok.encode("<<")[0]
     with pytest.raises(ValueError, match="encodes to no token"):
         build_method(name, tok, init_token="").init_token_id()
+
+
+def _reference_layout(q, steps, a, stage, m, c, pad, ids):
+    """A transcription of the reference code's rules (dataset.py: the training example of a stage, and the
+    question-only evaluation prompt), on already tokenized pieces. Returns (tokens, labels, prompt_tokens)."""
+    start, latent, end = ids
+    if stage > m:
+        n_skip, n_lat = 10000, (m if pad else min(len(steps), m))
+    else:
+        n_skip, n_lat = stage, stage
+    n_lat *= c
+    tokens = q + [start] + [latent] * n_lat + [end] + [t for s in steps[n_skip:] for t in s] + a
+    labels = [IGNORE] * (len(q) + n_lat + 2) + tokens[len(q) + n_lat + 2:]
+    k = min(m if pad else min(m, len(steps)), stage) * c
+    return tokens, labels, q + [start] + [latent] * k + [end]
+
+
+@pytest.mark.parametrize("c,m,pad", [(1, 6, True), (1, 6, False), (2, 3, False), (1, 2, True)])
+def test_stage_layout_matches_the_reference_on_every_real_record_and_stage(shared_dir, c, m, pad):
+    import json
+
+    records = json.loads((shared_dir / "data" / "prosqa" / "valid.json").read_text())
+    mth = method("coconut", c_thought=c, max_latent_stage=m, pad_latent_to_max=pad)
+    ids = (mth.ids[BOT], mth.ids[LATENT], mth.ids[EOT])
+    short = 0
+    for r in records:
+        q, steps, a = mth._tokenize(r["question"], tuple(r["steps"]), r["answer"])
+        short += len(steps) < m
+        for stage in range(m + 2):
+            tokens, labels, prompt = _reference_layout(q, steps, a, stage, m, c, pad, ids)
+            ex = mth.encode(r, stage)
+            assert (ex.tokens, ex.labels) == (tokens, labels), (r["question"][:40], stage)
+            assert ex.n_latent == tokens.count(ids[1]) and ex.latent_start == len(q) + 1
+            p = mth.prompt(r, stage)
+            assert p.prefix + [ids[1]] * p.n_latent + p.suffix == prompt, (r["question"][:40], stage)
+    if m < 4:  # every real record has >= 3 steps
+        return
+    assert short > 0  # records with fewer steps than stages exist: there the capped layout differs
+    capped = method("coconut", c_thought=c, max_latent_stage=m, pad_latent_to_max=pad, stage_layout="capped")
+    r = next(r for r in records if len(r["steps"]) < m)
+    assert capped.encode(r, m).n_latent == len(r["steps"]) * c < mth.encode(r, m).n_latent == m * c

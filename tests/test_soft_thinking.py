@@ -179,4 +179,4 @@ def test_method_layout_generate_hook_and_eval_command(prosqa_small, tmp_path):
     out = run_eval(cfg, str(export), progress=False)
     assert out["method"] == "soft_thinking" and out["n"] == 2
     assert [e["generated"] for e in out["examples"]] == [e["generated"] for e in res["examples"]]  # same decoding
-    assert (tmp_path / "run" / "eval.json").is_file()
+    assert (export / "eval.json").is_file() and not (tmp_path / "run").exists()  # the model's folder, not a run's

@@ -168,6 +168,35 @@ def test_grad_accum_equals_big_batch(model):
         np.testing.assert_allclose(np.asarray(a) / n_tok, np.asarray(b) / n_tok, atol=1e-6, rtol=1e-5)
 
 
+def test_micro_batch_normalization_is_the_mean_of_micro_batch_means(model):
+    """loss_normalization "micro_batch" (the reference's accumulation): the step's gradient is the mean over its
+    micro-batches of d(mean token loss); it differs from the token-weighted gradient when token counts differ."""
+    graphdef, params = model
+    method = ToyMethod()
+    exs = [method.encode(r, int(i >= 4)) for i, r in enumerate(toy_records(8, seed=1))]
+    _, micro_tok, _ = make_steps(graphdef, 0.01, None)
+    _, micro_mb, _ = make_steps(graphdef, 0.01, None, normalization="micro_batch")
+    place = Placement(4)
+    params = place.tree(params)
+    zeros = lambda: place.tree(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))  # noqa: E731
+    acc, means, counts = zeros(), [], []
+    for k in (0, 4):
+        mb = collate(exs[k:k + 4], 0, bucket=16)
+        acc, s = micro_mb(params, acc, place.batch(mb), mb.prefix_len, mb.n_latent)
+        g, s2 = micro_tok(params, zeros(), place.batch(mb), mb.prefix_len, mb.n_latent)
+        counts.append(int(s2["n_tokens"]))
+        means.append(jax.tree.map(lambda x, n=counts[-1]: np.asarray(x) / n, g))
+    assert counts[0] != counts[1]
+    want = jax.tree.map(lambda a, b: (a + b) / 2, *means)
+    for a, b in zip(jax.tree.leaves(acc), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a) / 2, b, atol=1e-6, rtol=1e-5)
+    r = train(method, toy_records(8), graphdef, params, quiet(batch_size=4, grad_accum=2,
+                                                               loss_normalization="micro_batch"))
+    assert r.step == 1 and np.isfinite(r.history[-1]["train_loss"])
+    with pytest.raises(ValueError, match="loss_normalization"):
+        TrainConfig(loss_normalization="mean")
+
+
 @pytest.mark.parametrize("policy,epochs_per_stage,expected_count", [("stage", 1, 2), ("stage", 2, 4),
                                                                     ("never", 1, 4), ("epoch", 2, 2)])
 def test_optimizer_reset(model, policy, epochs_per_stage, expected_count):

@@ -20,15 +20,25 @@ BOT, EOT, LATENT, PAUSE = "<|start-latent|>", "<|end-latent|>", "<|latent|>", "<
 
 @dataclasses.dataclass(frozen=True)
 class CoconutConfig:
-    """variant: coconut | cot | no_cot | no_curriculum | no_thought | pause_as_thought."""
+    """variant: coconut | cot | no_cot | no_curriculum | no_thought | pause_as_thought.
+
+    stage_layout: how many thought slots a stage k <= max_latent_stage gives a record with n steps.
+      "reference" (default; the reference code's dataset.py): training removes the first k steps (all of them when
+        k > n) and inserts k*c slots *whatever n* (a 3-step record at stage 5: 5 slots, no text steps); the
+        evaluation prompt gives min(k, n)*c slots, or k*c with pad_latent_to_max.
+      "capped" (latent_jax before this option): k is capped at n in training and evaluation (min(k, n)*c slots).
+    Past max_latent_stage both remove every step and give max_latent_stage*c slots with pad_latent_to_max, else
+    min(n, max_latent_stage)*c."""
 
     variant: str = "coconut"
     c_thought: int = 1
     max_latent_stage: int = 6
     pad_latent_to_max: bool = False
     init_token: str = "<<"  # new special tokens start from this token's embedding (reference)
+    stage_layout: str = "reference"
 
     VARIANTS = ("coconut", "cot", "no_cot", "no_curriculum", "no_thought", "pause_as_thought")
+    LAYOUTS = ("reference", "capped")
 
     def __post_init__(self):
         if self.variant not in self.VARIANTS:
@@ -36,6 +46,8 @@ class CoconutConfig:
         if self.c_thought < 0 or self.max_latent_stage < 0:
             raise ValueError(f"c_thought and max_latent_stage must be >= 0 (got {self.c_thought},"
                              f" {self.max_latent_stage})")
+        if self.stage_layout not in self.LAYOUTS:
+            raise ValueError(f"unknown stage_layout {self.stage_layout!r}; valid: {self.LAYOUTS}")
         if self.variant == "no_thought" and self.c_thought != 0:
             object.__setattr__(self, "c_thought", 0)
 
@@ -76,8 +88,8 @@ class Coconut:
         a = self.tok.encode("### " + answer) + [self.eos_id]
         return q, s, a
 
-    def _stage_layout(self, n_steps: int, stage: int) -> tuple[int, int]:
-        """(steps removed, latent slots) at `stage`."""
+    def _stage_layout(self, n_steps: int, stage: int, prompt: bool = False) -> tuple[int, int]:
+        """(steps removed, latent slots) at `stage`: of a training example, or of the evaluation prompt."""
         cfg = self.cfg
         if cfg.variant == "cot":
             return 0, 0
@@ -89,7 +101,9 @@ class Coconut:
             n_lat = cfg.max_latent_stage if cfg.pad_latent_to_max else min(n_steps, cfg.max_latent_stage)
             return n_steps, n_lat * cfg.c_thought
         n_skip = min(stage, n_steps)
-        return n_skip, n_skip * cfg.c_thought
+        if cfg.stage_layout == "capped" or (prompt and not cfg.pad_latent_to_max):
+            return n_skip, n_skip * cfg.c_thought
+        return n_skip, stage * cfg.c_thought  # reference: k slots whatever the record's step count
 
     def encode(self, record: dict[str, Any], stage: int) -> Example:
         check_record(record)
@@ -109,7 +123,7 @@ class Coconut:
         q, steps, _ = self._tokenize(record["question"], tuple(record["steps"]), record["answer"])
         if not self.special_tokens:
             return Prompt(q)
-        _, n_lat = self._stage_layout(len(steps), max(stage, 0))
+        _, n_lat = self._stage_layout(len(steps), max(stage, 0), prompt=True)
         if self.uses_hidden_thoughts:
             return Prompt(q + [self.ids[BOT]], n_lat, [self.ids[EOT]])
         slot = self.ids[PAUSE] if self.cfg.variant == "pause_as_thought" else self.ids[LATENT]

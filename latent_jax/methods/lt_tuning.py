@@ -233,8 +233,9 @@ class LTTuning:
             raise ValueError("LT-Tuning prompts are plain token prefixes (the model emits its own thoughts)")
         prefix, mask, _, _ = layout_prompts(prompts, pad_id, bucket, batch_size)
         max_pos = get_config(graphdef, params).max_positions
-        if prefix.shape[1] + sampling.max_new_tokens > max_pos:
-            raise ValueError(f"prompt ({prefix.shape[1]} padded) + max_new_tokens ({sampling.max_new_tokens})"
+        longest = max(len(p.prefix) for p in prompts)  # left padding takes cache slots, not positions
+        if longest + sampling.max_new_tokens > max_pos:
+            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({sampling.max_new_tokens})"
                              f" exceeds the model's max_positions {max_pos}")
         out, lengths = lt_generate_padded(graphdef, params, prefix, mask, jax.random.PRNGKey(seed),
                                           sampling=sampling, eos_ids=(eos_id,), pad_id=pad_id,

@@ -160,9 +160,10 @@ def soft_think_generate(graphdef, params, prompts: Sequence[Sequence[int]], cfg:
 
     mcfg = get_config(graphdef, params)
     tokens, mask, _, _ = layout_prompts([Prompt(list(p)) for p in prompts], pad_id, bucket, batch_size)
-    total = tokens.shape[1] + cfg.max_thinking_steps + len(force_ids) + sampling.max_new_tokens
+    longest = max(len(p) for p in prompts)  # left padding takes cache slots, not positions
+    total = longest + cfg.max_thinking_steps + len(force_ids) + sampling.max_new_tokens
     if total > mcfg.max_positions:
-        raise ValueError(f"prompt ({tokens.shape[1]} padded) + max_thinking_steps + cold_stop_text + max_new_tokens"
+        raise ValueError(f"prompt ({longest} tokens) + max_thinking_steps + cold_stop_text + max_new_tokens"
                          f" = {total} positions > max_positions {mcfg.max_positions}")
     if cfg.top_k > mcfg.vocab_size:
         raise ValueError(f"top_k={cfg.top_k} exceeds the model's vocabulary ({mcfg.vocab_size} tokens)")
