@@ -243,15 +243,15 @@ def run_analysis(cfg: dict, model_dir, n: int | None = 200, top_k: int = 10, out
     """`latent-jax analyze`: load an exported model folder (weights + tokenizer), analyze `n` validation records,
     write analysis.json, latent_tokens.md and PNG plots (+ training_curves.png if {run}/train/metrics.jsonl)."""
     from latent_jax.tokenizer import check_vocab_fits, load_tokenizer
-    from latent_jax.data import load_dataset
-    from latent_jax.experiment import final_stage
+    from latent_jax.experiment import _valid_records, check_encoding, final_stage
     from latent_jax.hf import load_hf
     from latent_jax.methods import build_method
 
     model_dir = pathlib.Path(model_dir)
     out = pathlib.Path(out) if out is not None else model_dir.parent / "analysis"
     d = cfg["data"]
-    records = load_dataset(d["task"], split="valid", source="file", path=d["valid_path"], n=n)
+    check_encoding(model_dir, cfg, "--model-dir")
+    records = _valid_records({**d, "valid_n": n})  # the run's reported set, in its encoding (symbolic included)
     tok = load_tokenizer(model_dir)
     method = build_method(cfg["method"]["name"], tok, **{k: v for k, v in cfg["method"].items() if k != "name"})
     if not getattr(method, "uses_hidden_thoughts", False):

@@ -111,6 +111,11 @@ def test_export_works_with_generate_eval_and_load_tokenizer(base_run, tmp_path, 
     assert "--overwrite" in capsys.readouterr().err and target.read_text() == "{}"
     assert main(["eval", cfg, "--model-dir", str(export), "--out", str(target), "--overwrite"]) == 0
     assert json.loads(target.read_text())["n"] == 8
+    # analyze reads the run's reported set in its encoding (symbolic node tokens)
+    capsys.readouterr()
+    assert main(["analyze", cfg, "--model-dir", str(export), "--n", "4", "--out", str(tmp_path / "an")]) == 0
+    res = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert res["n_records"] == 4 and len(res["per_thought"]) == 1 and res["per_thought"][0]["node_mass"] > 0
 
 
 def test_compact_vocab_export_and_size_mismatch(tmp_path, capsys):
