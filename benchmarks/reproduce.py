@@ -208,7 +208,9 @@ def run_one(name: str, profile: str, fresh: bool = False, single_thread: bool = 
             "train_records", "valid_records", "epochs", "eval_stage", "history", "train_seconds")
     result = {"name": name, "profile": profile, **{k: summary.get(k) for k in keep},
               "data": {k: cfg["data"].get(k) for k in ("task", "encoding", "rung", "train_n")},
-              "seed": cfg["train"]["seed"], "command": "python " + " ".join(cmd[1:]), "wall_seconds": time.time() - t0}
+              "seed": cfg["train"]["seed"], "command": "python " + " ".join(cmd[1:]),
+              # the run's own cumulative wall (every process of a resumed run); this call's when the run lacks it
+              "wall_seconds": summary.get("wall_seconds") or time.time() - t0}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{profile}_{name}.json").write_text(json.dumps(result, indent=2))
     return result
