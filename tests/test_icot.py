@@ -218,21 +218,22 @@ def test_run_train_end_to_end_and_optimizer_resets(tmp_path, monkeypatch):
     AdamW is re-initialised exactly before the steps whose count grew (the real trainer, resets counted)."""
     from latent_jax.experiment import load_config, run_train
 
-    real, events = trainer_mod.make_steps, []
+    real_opt, real_step, events = trainer_mod.make_optimizer, trainer_mod.train_step, []
 
-    def counting(*a, **k):
-        tx, micro, apply = real(*a, **k)
+    def counting_optimizer(*a, **k):  # the trainer's initial state and its resets
+        tx = real_opt(*a, **k)
 
         def init(p):
             events.append("reset")
             return tx.init(p)
+        return optax.GradientTransformation(init, tx.update)
 
-        def step(*args, **kw):
-            events.append("step")
-            return apply(*args, **kw)
-        return optax.GradientTransformation(init, tx.update), micro, step
+    def counting_step(*a, **k):  # one optimizer step (latent_jax.train_step)
+        events.append("step")
+        return real_step(*a, **k)
 
-    monkeypatch.setattr(trainer_mod, "make_steps", counting)
+    monkeypatch.setattr(trainer_mod, "make_optimizer", counting_optimizer)
+    monkeypatch.setattr(trainer_mod, "train_step", counting_step)
     out = tmp_path / "run"
     cfg = load_config("multiplication_icot_si_cpu", [
         "data.train_n=24", "data.valid_n=8", "train.epochs=2", "train.batch_size=4", "train.progress=false",
