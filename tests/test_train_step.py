@@ -31,7 +31,7 @@ def test_one_step_equals_a_naive_optax_step():
     assert batch.n_latent > 0  # the latent loop is in the step
     arrays = {k: jnp.asarray(v) for k, v in batch.arrays().items()}
     naive_loss = lambda p: loss_fn(p, graphdef, arrays, batch.prefix_len, batch.n_latent)[0]  # noqa: E731
-    loss, grads = jax.value_and_grad(naive_loss)(params)
+    loss, grads = jax.jit(jax.value_and_grad(naive_loss))(params)  # jitted: eager autodiff of a scan is slow
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-3, weight_decay=0.01))
     updates, _ = tx.update(grads, tx.init(params), params)
     want = optax.apply_updates(params, updates)
@@ -84,9 +84,8 @@ def test_explicit_positions_as_the_reference_collator_writes_them():
     arrays = {k: jnp.asarray(v) for k, v in batch.arrays().items()}
     mask = np.asarray(batch.mask)
     ref_pos = np.where(mask, np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-    base = float(loss_fn(params, graphdef, arrays, batch.prefix_len, batch.n_latent)[0])
-    same = float(loss_fn(params, graphdef, {**arrays, "positions": jnp.asarray(ref_pos)}, batch.prefix_len,
-                         batch.n_latent)[0])
-    moved = float(loss_fn(params, graphdef, {**arrays, "positions": jnp.asarray(ref_pos + 3)}, batch.prefix_len,
-                          batch.n_latent)[0])
+    f = jax.jit(lambda p, a: loss_fn(p, graphdef, a, batch.prefix_len, batch.n_latent)[0])
+    base = float(f(params, arrays))
+    same = float(f(params, {**arrays, "positions": jnp.asarray(ref_pos)}))
+    moved = float(f(params, {**arrays, "positions": jnp.asarray(ref_pos + 3)}))
     assert abs(base - same) < 1e-6 and abs(base - moved) > 1e-4
