@@ -19,7 +19,6 @@ are never called good (`latest_good_step`).
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -35,8 +34,8 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
-    """No checkpoint of a folder can be restored (every step unreadable or corrupt)."""
+class CheckpointError(ValueError):
+    """No checkpoint of a folder can be restored (every step unreadable or corrupt): bad input, like a bad file."""
 
 
 def _leaf_checksum(x: jax.Array) -> jax.Array:
@@ -58,7 +57,7 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
     return jnp.sum(h * w, dtype=jnp.uint32)
 
 
-@functools.partial(jax.jit)
+@jax.jit
 def _tree_checksums(tree: Any) -> Any:
     return jax.tree.map(_leaf_checksum, tree)
 

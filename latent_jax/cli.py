@@ -17,6 +17,8 @@ import logging
 import sys
 import time
 
+from latent_jax.runlock import RunLockedError  # stdlib only: keeps the CLI's start light
+
 DEFAULT_CONFIG = "prosqa_symbolic_cpu"  # README command one: No-CoT, CoT and Coconut on symbolic ProsQA
 
 
@@ -200,9 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"info": _info, "generate": _generate, "train": _train, "eval": _eval, "export": _export,
                 "vqvae": _vqvae, "analyze": _analyze}[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and type(e).__name__ not in ("RunLockedError", "CheckpointError"):
-            raise
+    except (ValueError, FileNotFoundError, FileExistsError, RunLockedError) as e:  # CheckpointError is a ValueError
         print(f"latent-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

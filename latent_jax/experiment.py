@@ -380,13 +380,12 @@ def run_compare(cfg: dict, progress: bool = True, on_result=None, fresh: bool = 
     `{output_dir}/compare.json`). `on_result(result)` is called after each method (e.g. to print its row)."""
     from latent_jax.runlock import RunLock
 
-    rows = []
-    out = pathlib.Path(cfg["output_dir"])
-    with RunLock(out, "comparison"):
-        return _run_compare(cfg, progress, on_result, fresh, rows, out)
+    with RunLock(cfg["output_dir"], "comparison"):
+        return _run_compare(cfg, progress, on_result, fresh)
 
 
-def _run_compare(cfg: dict, progress: bool, on_result, fresh: bool, rows: list, out: pathlib.Path) -> dict:
+def _run_compare(cfg: dict, progress: bool, on_result, fresh: bool) -> dict:
+    rows, out = [], pathlib.Path(cfg["output_dir"])
     for entry in cfg["compare"]:
         sub = copy.deepcopy(cfg)
         sub.update(name=f"{cfg['name']}_{entry['name']}", output_dir=str(out / entry["name"]), method=dict(entry),

@@ -186,6 +186,9 @@ def _largest_file(folder: pathlib.Path) -> pathlib.Path:
 def test_corrupt_checkpoints_fall_back_or_fail_clearly(base_run, tmp_path, capsys, caplog):
     from latent_jax.checkpoint import Checkpointer
 
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="latent_jax.checkpoint")  # whatever an earlier test left on the root
     cfg, out = _copy(base_run, tmp_path)
     ckdir = out / "train" / "checkpoints"
     assert sorted(int(s.name) for s in ckdir.iterdir() if s.name.isdigit()) == [1, 2]
@@ -210,9 +213,13 @@ def test_corrupt_checkpoints_fall_back_or_fail_clearly(base_run, tmp_path, capsy
 def test_silently_wrong_values_fail_the_checksum_and_are_never_called_good(tmp_path, caplog):
     """Corruption that still decodes (step 2's params files replaced by step 1's: valid bytes, wrong values)
     restores without an error from Orbax; the checksums catch it, and `latest_good_step` skips the step."""
+    import logging
+
     import jax.numpy as jnp
 
     from latent_jax.checkpoint import Checkpointer, abstract_like, tree_checksums, verify_checksums
+
+    caplog.set_level(logging.WARNING, logger="latent_jax.checkpoint")
 
     tree = {"w": jnp.arange(4096, dtype=jnp.float32).reshape(64, 64), "b": jnp.ones((7,), jnp.bfloat16)}
     sums = tree_checksums(tree)
