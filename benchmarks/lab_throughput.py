@@ -86,7 +86,7 @@ def main(argv=None):
 
             def one():
                 nonlocal p, opt, acc
-                acc, s = micro(p, acc, arrays, b.prefix_len, b.n_latent)
+                acc, s = micro(p, acc, arrays, None, b.prefix_len, b.n_latent)
                 p, opt, acc, g = apply(p, opt, acc, s["n_tokens"].astype(jnp.float32), jnp.float32(1e-4))
                 return g
             one().block_until_ready()

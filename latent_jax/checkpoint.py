@@ -19,6 +19,7 @@ are never called good (`latest_good_step`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -244,12 +245,21 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def _model_defaults() -> dict[str, Any]:
+    from latent_jax.config import ModelConfig
+
+    return {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
+
+
 def check_compatible(meta: dict[str, Any], model_config: dict[str, Any], train_config: dict[str, Any],
                      where: str | os.PathLike = "checkpoint") -> None:
     """Raise ValueError when a checkpoint was written for another run: a different model config or trajectory
     (the train keys that change the math, the method and its config, the data). One message lists every
     difference."""
-    diff = [f"model.{d}" for d in config_diff(meta.get("model_config", {}), model_config)]
+    saved_model = meta.get("model_config", {})
+    if saved_model:  # a field added to ModelConfig later (e.g. the dropout rates) holds its default in older runs
+        saved_model = {**_model_defaults(), **saved_model}
+    diff = [f"model.{d}" for d in config_diff(saved_model, model_config)]
     saved_train, now_train = dict(meta.get("train_config", {})), dict(train_config)
     saved_method, now_method = saved_train.pop("method_config", None), now_train.pop("method_config", None)
     if saved_method is not None and now_method is not None:

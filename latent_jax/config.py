@@ -9,6 +9,7 @@ import jax.numpy as jnp
 FAMILIES = ("gpt2", "llama")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT = ("none", "full", "dots")  # decoder-layer rematerialisation: off, recompute all, save matmuls
+DROPOUT_RATES = ("embd_dropout", "resid_dropout", "attn_dropout")
 
 
 def check_keys(cls, d: dict, what: str) -> None:
@@ -38,6 +39,10 @@ class ModelConfig:
     dtype: compute dtype ("float32" | "bfloat16"); param_dtype: storage dtype of weights.
     remat: "none" | "full" (recompute each decoder layer in the backward pass) | "dots" (save the weight matmuls,
            recompute the rest: `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`).
+    embd_dropout / resid_dropout / attn_dropout: dropout rates of HF GPT-2's `embd_pdrop` (input embeddings +
+           positions), `resid_pdrop` (attention and MLP outputs, before the residual add) and `attn_pdrop`
+           (attention probabilities; Llama's `attention_dropout`). Applied only when a forward pass gets a
+           `dropout_rng` (training); evaluation and generation never do. `load_hf` reads them from config.json.
     Softmax, norms and the loss are always computed in float32.
     """
 
@@ -59,6 +64,9 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    embd_dropout: float = 0.0
+    resid_dropout: float = 0.0
+    attn_dropout: float = 0.0
     bos_token_id: int | None = None
     eos_token_id: int | None = None
 
@@ -78,6 +86,13 @@ class ModelConfig:
             object.__setattr__(self, "remat", "full" if self.remat else "none")
         if self.remat not in REMAT:
             raise ValueError(f"ModelConfig.remat={self.remat!r}; valid: {REMAT}")
+        for name in DROPOUT_RATES:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: a dropout rate is in [0, 1]")
+
+    @property
+    def has_dropout(self) -> bool:
+        return any(getattr(self, name) > 0 for name in DROPOUT_RATES)
 
     @property
     def compute_dtype(self):

@@ -38,7 +38,9 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
                            n_heads=N, n_kv_heads=N, head_dim=D // N, d_ff=hf.get("n_inner") or 4 * D,
                            max_positions=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                            tie_embeddings=True, attn_bias=True, mlp_bias=True,
-                           bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")))
+                           embd_dropout=float(hf.get("embd_pdrop", 0.1)),
+                           resid_dropout=float(hf.get("resid_pdrop", 0.1)),
+                           attn_dropout=float(hf.get("attn_pdrop", 0.1)), bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")))
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} unsupported (need silu)")
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
@@ -55,7 +57,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
                        max_positions=hf["max_position_embeddings"], norm_eps=hf.get("rms_norm_eps", 1e-6),
                        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_theta=float(theta),
                        rope_scaling=scaling, attn_bias=bool(hf.get("attention_bias", False)),
-                       mlp_bias=bool(hf.get("mlp_bias", False)), bos_token_id=hf.get("bos_token_id"),
+                       mlp_bias=bool(hf.get("mlp_bias", False)), attn_dropout=float(hf.get("attention_dropout", 0.0)),
+                       bos_token_id=hf.get("bos_token_id"),
                        eos_token_id=_first(hf.get("eos_token_id")))
 
 
@@ -69,13 +72,15 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if cfg.family == "gpt2":
         return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=cfg.d_model,
                     n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff, n_positions=cfg.max_positions,
-                    layer_norm_epsilon=cfg.norm_eps, activation_function="gelu_new", **common)
+                    layer_norm_epsilon=cfg.norm_eps, activation_function="gelu_new", embd_pdrop=cfg.embd_dropout,
+                    resid_pdrop=cfg.resid_dropout, attn_pdrop=cfg.attn_dropout, **common)
     rs = None if cfg.rope_scaling is None else dict(rope_type="llama3", **vars(cfg.rope_scaling))
     return dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=cfg.d_model,
                 intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                 num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                 max_position_embeddings=cfg.max_positions, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-                rope_scaling=rs, attention_bias=cfg.attn_bias, mlp_bias=cfg.mlp_bias, hidden_act="silu", **common)
+                rope_scaling=rs, attention_bias=cfg.attn_bias, mlp_bias=cfg.mlp_bias, hidden_act="silu",
+                attention_dropout=cfg.attn_dropout, **common)
 
 
 def _groups(cfg: ModelConfig) -> list[Group]:

@@ -19,19 +19,23 @@ from latent_jax.methods.base import IGNORE
 from latent_jax.models import embed_tokens, forward, get_config, init_cache
 
 
-def latent_forward(graphdef, params, tokens, mask, latent, prefix_len: int, n_latent: int, positions=None):
+def latent_forward(graphdef, params, tokens, mask, latent, prefix_len: int, n_latent: int, positions=None,
+                   dropout_rng=None):
     """Logits [B, T, V] (f32) of a batch with continuous thoughts. positions [B, T] (optional, int): explicit
     position ids, e.g. an HF batch's `position_ids`; default: each row's real tokens count 0, 1, ... (padding takes
-    no position), which is what the reference's collator writes."""
+    no position), which is what the reference's collator writes. dropout_rng: training-mode dropout (the model
+    config's rates); every pass draws its masks by column, so the result equals n+1 full passes with that key."""
     if n_latent == 0:
-        return forward(graphdef, params, tokens=tokens, mask=mask, positions=positions).logits
+        return forward(graphdef, params, tokens=tokens, mask=mask, positions=positions,
+                       dropout_rng=dropout_rng).logits
     cfg = get_config(graphdef, params)
     B, T = tokens.shape
     P, n = prefix_len, n_latent
     emb_BxTxD = embed_tokens(graphdef, params, tokens)
     cache = init_cache(cfg, B, T)
     pos = (lambda a, b: None) if positions is None else (lambda a, b: jax.lax.slice_in_dim(positions, a, b, axis=1))
-    pre = forward(graphdef, params, embeds=emb_BxTxD[:, :P], mask=mask[:, :P], cache=cache, positions=pos(0, P))
+    pre = forward(graphdef, params, embeds=emb_BxTxD[:, :P], mask=mask[:, :P], cache=cache, positions=pos(0, P),
+                  dropout_rng=dropout_rng)
 
     def think(carry, k):
         cache, h_prev_BxD = carry
@@ -41,12 +45,13 @@ def latent_forward(graphdef, params, tokens, mask, latent, prefix_len: int, n_la
         x_BxD = jnp.where(is_latent[:, None], h_prev_BxD.astype(tok_emb.dtype), tok_emb)
         m = jax.lax.dynamic_slice_in_dim(mask, col, 1, axis=1)
         p = None if positions is None else jax.lax.dynamic_slice_in_dim(positions, col, 1, axis=1)
-        o = forward(graphdef, params, embeds=x_BxD[:, None], mask=m, cache=cache, positions=p)
+        o = forward(graphdef, params, embeds=x_BxD[:, None], mask=m, cache=cache, positions=p,
+                    dropout_rng=dropout_rng)
         return (o.cache, o.hidden[:, 0]), o.logits[:, 0]
 
     (cache, _), logits_nxBxV = jax.lax.scan(think, (pre.cache, pre.hidden[:, -1]), jnp.arange(n))
     rest = forward(graphdef, params, embeds=emb_BxTxD[:, P + n:], mask=mask[:, P + n:], cache=cache,
-                   positions=pos(P + n, T))
+                   positions=pos(P + n, T), dropout_rng=dropout_rng)
     return jnp.concatenate([pre.logits, jnp.swapaxes(logits_nxBxV, 0, 1), rest.logits], axis=1)
 
 
@@ -60,11 +65,11 @@ def token_loss(logits_BxTxV, labels_BxT):
     return jnp.sum(ce * valid), jnp.sum(valid), jnp.sum(correct)
 
 
-def loss_fn(params, graphdef, batch: dict, prefix_len: int, n_latent: int):
+def loss_fn(params, graphdef, batch: dict, prefix_len: int, n_latent: int, rng=None):
     """Mean token loss of a batch (dict of arrays: tokens, mask, labels, latent; optional positions [B, T] as
-    `latent_forward` takes them). Returns (loss, aux)."""
+    `latent_forward` takes them). rng: dropout key (training), None: no dropout. Returns (loss, aux)."""
     logits = latent_forward(graphdef, params, batch["tokens"], batch["mask"], batch["latent"], prefix_len, n_latent,
-                            batch.get("positions"))
+                            batch.get("positions"), dropout_rng=rng)
     total, count, correct = token_loss(logits, batch["labels"])
     loss = total / jnp.maximum(count, 1)
     return loss, {"loss_sum": total, "n_tokens": count, "n_correct": correct}

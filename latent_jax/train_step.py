@@ -7,8 +7,10 @@ apply-step pair that `latent_jax.trainer.train` itself runs (no second copy).
         state, metrics = train_step(state, batch)          # or a list of micro-batches (gradient accumulation)
 
 The step is method- and stage-aware through the batch (its thought slots, `prefix_len`, `n_latent`) and the loss
-(`loss=method.loss_for_stage(stage)` for a method with its own, e.g. LT-Tuning). `state.rng` is split every step
-(the key a dropout pass will draw from). Params and optimizer state are donated: use the returned state.
+(`loss=method.loss_for_stage(stage)` for a method with its own, e.g. LT-Tuning). Dropout (the model config's
+rates, e.g. GPT-2's 0.1 from its config.json) draws from `state.rng` folded with the micro-batch index; the state's
+key advances every step (the trainer sets it to fold_in(seed key, step), so a resumed run draws the same masks).
+Params and optimizer state are donated: use the returned state.
 """
 from __future__ import annotations
 
@@ -39,9 +41,10 @@ def make_steps(graphdef, weight_decay: float, grad_clip: float | None, loss: Cal
                mesh: Any = None, remat: str | None = None, normalization: str = "tokens"
                ) -> tuple[Any, Callable, Callable]:
     """(optimizer, micro_step, apply_step), the steps jitted (cached per model graph, optimizer and loss function:
-    `loss(params, graphdef, batch, prefix_len, n_latent) -> (loss, aux)`, default the latent loop's);
-    graphdef is closed over (static).
-    micro_step(params, acc, batch, prefix_len, n_latent) adds d(sum of token losses)/d(params) to acc (donated);
+    `loss(params, graphdef, batch, prefix_len, n_latent, rng) -> (loss, aux)`, default the latent loop's; rng is
+    the dropout key); graphdef is closed over (static).
+    micro_step(params, acc, batch, rng, prefix_len, n_latent) adds d(sum of token losses)/d(params) to acc
+    (donated); rng: dropout key, or None for a deterministic pass;
     apply_step(params, opt_state, acc, denom, lr) applies AdamW to acc / denom (params, state donated): denom is
     the step's token count. normalization "micro_batch": micro_step adds d(mean token loss of the micro-batch) and
     denom is the number of micro-batches (`TrainConfig.loss_normalization`).
@@ -50,11 +53,11 @@ def make_steps(graphdef, weight_decay: float, grad_clip: float | None, loss: Cal
     model config's `remat` ("none" | "full" | "dots")."""
     tx = make_optimizer(weight_decay, grad_clip)
 
-    def micro(params, acc, batch, prefix_len: int, n_latent: int):
+    def micro(params, acc, batch, rng, prefix_len: int, n_latent: int):
         g = graphdef if remat is None else with_remat(graphdef, params, remat)
 
         def summed(p):
-            _, aux = loss(p, g, batch, prefix_len, n_latent)
+            _, aux = loss(p, g, batch, prefix_len, n_latent, rng)
             if normalization == "micro_batch":
                 return aux["loss_sum"] / jnp.maximum(aux["n_tokens"], 1), aux
             return aux["loss_sum"], aux
@@ -73,7 +76,7 @@ def make_steps(graphdef, weight_decay: float, grad_clip: float | None, loss: Cal
         return keep(new_params, params), keep(new_opt, opt_state), jax.tree.map(jnp.zeros_like, acc), gnorm
 
     if mesh is not None:
-        return (tx, jit_sharded(micro, mesh, ("tree", "tree", "batch"), (1, "replicated"),
+        return (tx, jit_sharded(micro, mesh, ("tree", "tree", "batch", None), (1, "replicated"),
                                 static_argnames=("prefix_len", "n_latent"), donate_argnums=(1,)),
                 jit_sharded(apply, mesh, ("tree", "tree", "tree", None, None), (0, 1, 2, "replicated"),
                             donate_argnums=(0, 1, 2)))
@@ -134,9 +137,9 @@ def train_step(state: TrainState, batch: Batch | Sequence[Batch], lr: float | No
     _, micro, apply = make_steps(state.graphdef, state.weight_decay, state.grad_clip, loss, mesh=mesh, remat=remat,
                                  normalization=normalization)
     acc, stats = state.grad_acc, []
-    for b in batches:
+    for i, b in enumerate(batches):
         arrays = place(b) if place is not None else b.arrays()
-        acc, s = micro(state.params, acc, arrays, b.prefix_len, b.n_latent)
+        acc, s = micro(state.params, acc, arrays, jax.random.fold_in(state.rng, i), b.prefix_len, b.n_latent)
         stats.append(s)
     loss_sum = sum(_host(s["loss_sum"]) for s in stats)
     n_tok = sum(int(_host(s["n_tokens"])) for s in stats)

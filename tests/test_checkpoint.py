@@ -39,12 +39,13 @@ run_toy(sys.argv[1], int(sys.argv[2]))
 
 def run_toy(out: str, kill_at: int = -1) -> None:
     """2 epochs x 3 steps (20 records, micro-batch 8: the last one padded), stage 0 then 1 (latent loop),
-    uniform_prob mixing, cosine schedule, checkpoints every 2 steps; `os.kill(SIGKILL)` itself at step kill_at."""
+    uniform_prob mixing, cosine schedule, dropout at every site (the resumed run draws the same masks),
+    checkpoints every 2 steps; `os.kill(SIGKILL)` itself at step kill_at."""
     import signal
     import time
 
     print("RESUME_FROM", Checkpointer(out + "/checkpoints").latest_step(), flush=True)
-    graphdef, params = init_model(tiny_config("gpt2"), seed=0)
+    graphdef, params = init_model(tiny_config("gpt2", embd_dropout=0.1, resid_dropout=0.1, attn_dropout=0.1), seed=0)
     cfg = TrainConfig(epochs=2, epochs_per_stage=1, max_latent_stage=1, uniform_prob=0.3, batch_size=4, lr=3e-3,
                       schedule="cosine", warmup_steps=2, bucket=16, checkpoint_every_steps=2, output_dir=out,
                       progress=False)

@@ -12,17 +12,17 @@ from latent_jax.models import embed_tokens, forward, init_model
 from latent_jax.testing import tiny_config
 
 
-def naive_loss(params, graphdef, batch, slots):
+def naive_loss(params, graphdef, batch, slots, rng=None):
     """The reference algorithm. slots[b] = row b's latent columns. Pass j recomputes the whole sequence with no
     cache and fills every row's j-th latent slot with the final hidden state of the column before it; one last
-    pass gives the logits: n_latent + 1 full forward passes."""
+    pass gives the logits: n_latent + 1 full forward passes (each with dropout key `rng` when given)."""
     emb = embed_tokens(graphdef, params, batch["tokens"])
     for j in range(max(map(len, slots))):
-        hidden = forward(graphdef, params, embeds=emb, mask=batch["mask"]).hidden
+        hidden = forward(graphdef, params, embeds=emb, mask=batch["mask"], dropout_rng=rng).hidden
         for b, cols in enumerate(slots):
             if j < len(cols):
                 emb = emb.at[b, cols[j]].set(hidden[b, cols[j] - 1])
-    logits = forward(graphdef, params, embeds=emb, mask=batch["mask"]).logits
+    logits = forward(graphdef, params, embeds=emb, mask=batch["mask"], dropout_rng=rng).logits
     total, count, _ = token_loss(logits, batch["labels"])
     return total / count
 
@@ -59,6 +59,50 @@ def test_loss_and_grads_equal_naive_reference(family, specs):
         # the thoughts matter: treating latent slots as plain tokens gives a different loss
         plain = loss_fn(p, g, {**arrays, "latent": jnp.zeros_like(arrays["latent"])}, b.prefix_len, 0)[0]
         assert abs(float(plain) - float(loss)) > 1e-4
+
+
+DROPOUT = dict(embd_dropout=0.2, resid_dropout=0.3, attn_dropout=0.25)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_dropout_latent_loop_equals_naive_reference_under_the_same_rng(family):
+    """Training-mode dropout at every site: the compiled loop (prefix pass, one column per scan step, rest pass
+    over the cache) draws the masks the n+1 full passes draw (keyed by layer, site and column), so loss and grads
+    agree; the masks are real (another key, or no key, changes the loss)."""
+    with jax.default_matmul_precision("highest"):
+        g, p = init_model(tiny_config(family, **DROPOUT), seed=5)
+        b = make_batch(np.random.default_rng(1), 211, [(9, 2, 4), (5, 4, 7), (12, 0, 3)])
+        arrays = {k: jnp.asarray(v) for k, v in b.arrays().items()}
+        slots = [np.argwhere(row).ravel().tolist() for row in b.latent]
+        key = jax.random.PRNGKey(7)
+        fast = jax.jit(jax.value_and_grad(lambda pr, k: loss_fn(pr, g, arrays, b.prefix_len, b.n_latent, k)[0]))
+        loss, grads = fast(p, key)
+        ref_loss, ref_grads = jax.jit(jax.value_and_grad(lambda pr, k: naive_loss(pr, g, arrays, slots, k)))(p, key)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        for a, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+            np.testing.assert_allclose(a, r, atol=2e-6, rtol=1e-4)
+        other = float(fast(p, jax.random.PRNGKey(8))[0])
+        off = float(loss_fn(p, g, arrays, b.prefix_len, b.n_latent)[0])
+        assert abs(other - float(loss)) > 1e-3 and abs(off - float(loss)) > 1e-3
+
+
+def test_dropout_rates_zero_or_no_key_is_the_deterministic_pass():
+    """Rates 0 with a key, or rates > 0 without one, give exactly the deterministic logits; the kept fraction of
+    a site is about 1 - rate and kept values are scaled by 1 / (1 - rate)."""
+    from latent_jax.models.dropout import dropout_BxT
+
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 211, (3, 20)))
+    g0, p = init_model(tiny_config("gpt2"), seed=2)
+    g1, _ = init_model(tiny_config("gpt2", **DROPOUT), seed=2)
+    base = forward(g0, p, tokens=tokens).logits
+    np.testing.assert_array_equal(forward(g0, p, tokens=tokens, dropout_rng=jax.random.PRNGKey(0)).logits, base)
+    np.testing.assert_array_equal(forward(g1, p, tokens=tokens).logits, base)
+    assert float(jnp.abs(forward(g1, p, tokens=tokens, dropout_rng=jax.random.PRNGKey(0)).logits - base).max()) > 1e-3
+    x = jnp.ones((4, 64, 32))
+    y = dropout_BxT(x, 0.3, jax.random.PRNGKey(3), jnp.arange(64))
+    assert abs(float((y > 0).mean()) - 0.7) < 0.02
+    np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1 / 0.7], rtol=1e-6)
+    assert not np.array_equal(y[0], y[1])  # rows draw different masks
 
 
 def test_one_compile_per_bucket():

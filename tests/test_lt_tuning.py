@@ -267,3 +267,41 @@ def test_three_stage_training_rebuilds_data(tok, model):
     state = json.loads(json.dumps(m.get_state()))
     m.on_stage_start(2, g, r.params, RECS)  # deterministic given the model and the seed
     assert m.get_state() == state
+
+
+def test_thought_forward_with_dropout_equals_full_passes_under_the_same_rng():
+    """Training-mode dropout in LT-Tuning's K fill passes + final pass (prefix cache reused) draws the masks that
+    K + 1 full passes without a cache draw (masks keyed by layer, site and column): same logits."""
+    from latent_jax.methods.lt_fusion import thought_forward
+
+    with jax.default_matmul_precision("highest"):
+        g, p = init_model(tiny_config("gpt2", embd_dropout=0.1, resid_dropout=0.2, attn_dropout=0.15), seed=4)
+        rng = np.random.default_rng(3)
+        B, T, P = 3, 16, 6
+        tokens = jnp.asarray(rng.integers(10, 200, (B, T)))
+        mask = np.ones((B, T), bool)
+        mask[0, :2] = mask[2, :4] = False  # left-padded questions
+        latent = np.zeros((B, T), bool)
+        latent[0, [7, 9]] = latent[1, [6, 10]] = latent[2, [12]] = True
+        fusion = dict(alpha=0.6, think_id=7, temperature=1.0, top_p=0.95)
+        key = jax.random.PRNGKey(11)
+        fast = jax.jit(lambda p, k: thought_forward(g, p, tokens, jnp.asarray(mask), jnp.asarray(latent), P, 2,
+                                                    remat=False, dropout_rng=k, **fusion))
+        cols = [np.flatnonzero(r).tolist() for r in latent]
+
+        @jax.jit
+        def naive(p, key):
+            e_in, _ = embedding_matrices(g, p)
+            emb = embed_tokens(g, p, tokens)
+            for k in range(2):
+                o = forward(g, p, embeds=emb, mask=jnp.asarray(mask), dropout_rng=key)
+                for b, cs in enumerate(cols):
+                    if k < len(cs):
+                        c = cs[k]
+                        e = fuse(o.hidden[b:b + 1, c - 1], o.logits[b:b + 1, c - 1], e_in, **fusion)
+                        emb = emb.at[b, c].set(e[0])
+            return forward(g, p, embeds=emb, mask=jnp.asarray(mask), dropout_rng=key).logits
+
+        got = fast(p, key)
+        np.testing.assert_allclose(np.asarray(got)[mask], np.asarray(naive(p, key))[mask], atol=2e-5, rtol=1e-4)
+        assert float(jnp.abs(fast(p, None) - got).max()) > 1e-3  # no key: no dropout

@@ -79,3 +79,35 @@ def test_coconut_loss_and_grads_match_transformers(tmp_path, name):
         np.testing.assert_allclose(ours[key], g, atol=1e-5, rtol=1e-4, err_msg=n)
         checked += 1
     assert checked >= len(ours) - 1
+
+
+GPT2_SITES = ("embd_pdrop", "resid_pdrop", "attn_pdrop")
+
+
+@pytest.mark.parametrize("name,site", [("gpt2", s) for s in GPT2_SITES] + [("llama", "attention_dropout")])
+def test_dropout_sites_match_transformers_in_train_mode(tmp_path, name, site):
+    """Where dropout acts: one site at rate 1 (deterministic in both frameworks: everything it touches is zeroed),
+    the others at 0, `transformers` in train mode (eager attention) against our forward with a dropout key. The
+    rates come from config.json (`load_hf`) and go back into it (`save_hf`)."""
+    rates = {s: 0.0 for s in GPT2_SITES} if name == "gpt2" else {}
+    folder = make_hf_checkpoint(tmp_path / name, name, seed=3, **{**rates, site: 1.0})
+    cfg, graphdef, params = load_hf(folder)
+    ours_name = {"embd_pdrop": "embd_dropout", "resid_pdrop": "resid_dropout", "attn_pdrop": "attn_dropout",
+                 "attention_dropout": "attn_dropout"}[site]
+    assert getattr(cfg, ours_name) == 1.0 and sum(getattr(cfg, n) for n in
+                                                   ("embd_dropout", "resid_dropout", "attn_dropout")) == 1.0
+    tokens = np.random.default_rng(0).integers(2, cfg.vocab_size, (2, 9))
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32,
+                                                              attn_implementation="eager").train()
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    from latent_jax.models import forward
+
+    got = np.asarray(forward(graphdef, params, tokens=tokens, dropout_rng=jax.random.PRNGKey(0)).logits)
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+    plain = np.asarray(forward(graphdef, params, tokens=tokens).logits)  # evaluation: no dropout
+    assert np.abs(plain - ref).max() > 1e-3
+    import json
+
+    saved = json.loads((save_hf(tmp_path / "out", cfg, params) / "config.json").read_text())
+    assert saved[site] == 1.0

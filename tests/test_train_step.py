@@ -90,3 +90,22 @@ def test_explicit_positions_as_the_reference_collator_writes_them():
     same = float(f(params, {**arrays, "positions": jnp.asarray(ref_pos)}))
     moved = float(f(params, {**arrays, "positions": jnp.asarray(ref_pos + 3)}))
     assert abs(base - same) < 1e-6 and abs(base - moved) > 1e-4
+
+
+def test_dropout_draws_from_the_state_rng():
+    """With dropout rates in the model config, a step draws its masks from the state's key: the same state gives
+    the same step, another key another loss, and the deterministic loss (no key) differs from both."""
+    graphdef, params, exs, tok = _setup()
+    g_drop, _ = init_model(tiny_config("gpt2", vocab_size=tok.vocab_size, embd_dropout=0.1, resid_dropout=0.2,
+                                       attn_dropout=0.1), seed=0)
+    batch = collate(exs, tok.pad_id, bucket=16)
+    opts = dict(lr=3e-3, weight_decay=0.01, grad_clip=1.0)
+    runs = [train_step(TrainState.create(g_drop, jax.tree.map(jnp.copy, params), seed=s, **opts), batch)
+            for s in (0, 0, 1)]
+    (s0, m0), (s1, m1), (_, m2) = runs
+    assert m0["loss"] == m1["loss"] and abs(m0["loss"] - m2["loss"]) > 1e-4
+    for a, b in zip(jax.tree.leaves(s0.params), jax.tree.leaves(s1.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    arrays = {k: jnp.asarray(v) for k, v in batch.arrays().items()}
+    plain = float(jax.jit(lambda p: loss_fn(p, g_drop, arrays, batch.prefix_len, batch.n_latent)[0])(params))
+    assert abs(plain - m0["loss"]) > 1e-4 and abs(plain - m2["loss"]) > 1e-4

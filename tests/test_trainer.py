@@ -157,11 +157,11 @@ def test_grad_accum_equals_big_batch(model):
     params = place.tree(params)
     zeros = lambda: place.tree(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))  # noqa: E731
     big = collate(exs, 0, bucket=16)
-    acc_big, s_big = micro_step(params, zeros(), place.batch(big), big.prefix_len, big.n_latent)
+    acc_big, s_big = micro_step(params, zeros(), place.batch(big), None, big.prefix_len, big.n_latent)
     acc, n_tok = zeros(), 0
     for k in (0, 4):
         mb = collate(exs[k:k + 4], 0, bucket=16)
-        acc, s = micro_step(params, acc, place.batch(mb), mb.prefix_len, mb.n_latent)
+        acc, s = micro_step(params, acc, place.batch(mb), None, mb.prefix_len, mb.n_latent)
         n_tok += int(s["n_tokens"])
     assert n_tok == int(s_big["n_tokens"]) and n_tok > 0
     for a, b in zip(jax.tree.leaves(acc), jax.tree.leaves(acc_big)):
@@ -182,8 +182,8 @@ def test_micro_batch_normalization_is_the_mean_of_micro_batch_means(model):
     acc, means, counts = zeros(), [], []
     for k in (0, 4):
         mb = collate(exs[k:k + 4], 0, bucket=16)
-        acc, s = micro_mb(params, acc, place.batch(mb), mb.prefix_len, mb.n_latent)
-        g, s2 = micro_tok(params, zeros(), place.batch(mb), mb.prefix_len, mb.n_latent)
+        acc, s = micro_mb(params, acc, place.batch(mb), None, mb.prefix_len, mb.n_latent)
+        g, s2 = micro_tok(params, zeros(), place.batch(mb), None, mb.prefix_len, mb.n_latent)
         counts.append(int(s2["n_tokens"]))
         means.append(jax.tree.map(lambda x, n=counts[-1]: np.asarray(x) / n, g))
     assert counts[0] != counts[1]

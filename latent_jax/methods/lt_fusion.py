@@ -50,25 +50,27 @@ def fuse(h_BxD, logits_BxV, embed_VxD, *, alpha: float, think_id: int, temperatu
 
 
 def thought_forward(graphdef, params, tokens, mask, latent, prefix_len: int, n_passes: int, remat: bool = True,
-                    **fusion):
+                    dropout_rng=None, **fusion):
     """Logits [B, T, V] with every `latent` position's input replaced by its fusion vector. Columns [0, P) (P =
     prefix_len: the questions, left-padded) hold no thoughts: one pass fills their KV cache. Thought k of each row
     (its k-th latent column) is then filled by pass k over [P, T) from pass k-1's (h, z) at the column before it; K
     passes + a final one (the reference's K+1 forward passes, prefix cache reused), one `lax.scan`, differentiable
-    end to end. remat: the backward pass recomputes each fill pass (memory of one pass instead of K)."""
+    end to end. remat: the backward pass recomputes each fill pass (memory of one pass instead of K).
+    dropout_rng: training-mode dropout; masks are drawn per column, so every fill pass and the final one agree."""
     emb_BxTxD = embed_tokens(graphdef, params, tokens)
     if n_passes == 0:
-        return forward(graphdef, params, embeds=emb_BxTxD, mask=mask).logits
+        return forward(graphdef, params, embeds=emb_BxTxD, mask=mask, dropout_rng=dropout_rng).logits
     B, T = tokens.shape
     P = prefix_len
     pre = forward(graphdef, params, embeds=emb_BxTxD[:, :P], mask=mask[:, :P],
-                  cache=init_cache(get_config(graphdef, params), B, T))
+                  cache=init_cache(get_config(graphdef, params), B, T), dropout_rng=dropout_rng)
     e_in, head = embedding_matrices(graphdef, params)
     latent_BxS = latent[:, P:]
     rank_BxS = jnp.cumsum(latent_BxS, axis=1) - 1
 
     def run(suffix_BxSxD):
-        return forward(graphdef, params, embeds=suffix_BxSxD, mask=mask[:, P:], cache=pre.cache)
+        return forward(graphdef, params, embeds=suffix_BxSxD, mask=mask[:, P:], cache=pre.cache,
+                       dropout_rng=dropout_rng)
 
     def fill(suffix, k):
         sel_BxS = latent_BxS & (rank_BxS == k)
@@ -83,12 +85,13 @@ def thought_forward(graphdef, params, tokens, mask, latent, prefix_len: int, n_p
     return jnp.concatenate([pre.logits, run(suffix).logits], axis=1)
 
 
-def lt_loss(params, graphdef, batch: dict, prefix_len: int, n_latent: int, *, fusion: tuple, remat: bool = True):
+def lt_loss(params, graphdef, batch: dict, prefix_len: int, n_latent: int, rng=None, *, fusion: tuple,
+            remat: bool = True):
     """Trainer loss: mean token loss (labels include `<thinking>`); n_latent = passes (max thoughts per row,
     bucketed). `fusion` = ((name, value), ...) of `fuse`'s keyword arguments (hashable)."""
     mask = batch["mask"]
     logits = thought_forward(graphdef, params, batch["tokens"], mask, batch["latent"] & mask, prefix_len, n_latent,
-                             remat, **dict(fusion))
+                             remat, dropout_rng=rng, **dict(fusion))
     total, count, correct = token_loss(logits, batch["labels"])
     return total / jnp.maximum(count, 1), {"loss_sum": total, "n_tokens": count, "n_correct": correct}
 

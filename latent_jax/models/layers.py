@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from latent_jax.config import ModelConfig
+from latent_jax.models.dropout import dropout_probs
 from latent_jax.sharding import constrain
 
 NEG_INF = -1e30  # finite, so fully-masked (padding) rows give no NaNs
@@ -96,9 +97,10 @@ class Attention(nnx.Module):
         self.bv = param(rngs, (K, H), ("kv_heads", "head_dim"), cfg, init="zeros") if bias else None
         self.bo = param(rngs, (D,), ("embed",), cfg, init="zeros") if cfg.family == "gpt2" else None
 
-    def __call__(self, x_BxTxD, positions_BxT, q_slots_BxT, kv, key_valid_BxS, write_index):
+    def __call__(self, x_BxTxD, positions_BxT, q_slots_BxT, kv, key_valid_BxS, write_index, drop_key=None):
         """kv: (k_RxHxS, v_RxSxH) cache (R = B*K) to write into at `write_index`, or None (no cache:
-        keys are the current tokens). q_slots: cache slot of each query, for the causal mask."""
+        keys are the current tokens). q_slots: cache slot of each query, for the causal mask (and the dropout
+        masks' columns). drop_key: dropout of the attention probabilities (`cfg.attn_dropout`), or None."""
         cfg, dt = self.cfg, x_BxTxD.dtype
         q = jnp.einsum("BTD,DNH->BTNH", x_BxTxD, self.wq[...].astype(dt))
         k = jnp.einsum("BTD,DKH->BTKH", x_BxTxD, self.wk[...].astype(dt))
@@ -131,7 +133,9 @@ class Attention(nnx.Module):
         logits = jnp.einsum("RQH,RHS->RQS", q_RxGTxH, k_RxHxS.astype(dt), preferred_element_type=jnp.float32)
         allowed_BxTxS = (jnp.arange(S)[None, None, :] <= q_slots_BxT[:, :, None]) & key_valid_BxS[:, None, :]
         logits_BxKxGxTxS = jnp.where(allowed_BxTxS[:, None, None], logits.reshape(B, K, N // K, T, S), NEG_INF)
-        probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dt).reshape(B * K, (N // K) * T, S)
+        probs = dropout_probs(jax.nn.softmax(logits_BxKxGxTxS, axis=-1), cfg.attn_dropout, drop_key,
+                              q_slots_BxT[0])
+        probs = probs.astype(dt).reshape(B * K, (N // K) * T, S)
         out_RxGTxH = jnp.einsum("RQS,RSH->RQH", probs, v_RxSxH.astype(dt))  # Q = G*T query rows
         out_BxTxNH = jnp.transpose(out_RxGTxH.reshape(B, K, N // K, T, H), (0, 3, 1, 2, 4)).reshape(B, T, N * H)
         out = jnp.einsum("BTE,ED->BTD", out_BxTxNH, self.wo[...].astype(dt).reshape(N * H, -1))  # E = N*H

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from latent_jax.config import ModelConfig
+from latent_jax.models.dropout import dropout_BxT, site_key
 from latent_jax.models.layers import Attention, Mlp, Norm, param
 from latent_jax.sharding import ACT_BTD, constrain
 
@@ -75,10 +76,14 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg, rngs)
         self.mlp = Mlp(cfg, rngs)
 
-    def __call__(self, x, positions, q_slots, kv, key_valid, write_index):
-        h, new_kv = self.attn(self.attn_norm(x), positions, q_slots, kv, key_valid, write_index)
-        x = x + h
-        return x + self.mlp(self.mlp_norm(x)), new_kv
+    def __call__(self, x, positions, q_slots, kv, key_valid, write_index, drop_key=None):
+        """drop_key: this layer's dropout key (sites 0: attention probabilities, 1: attention output, 2: MLP
+        output, as HF GPT-2's attn_dropout / resid_dropout), or None."""
+        rate, cols = self.attn.cfg.resid_dropout, q_slots[0]
+        h, new_kv = self.attn(self.attn_norm(x), positions, q_slots, kv, key_valid, write_index,
+                              site_key(drop_key, 0))
+        x = x + dropout_BxT(h, rate, site_key(drop_key, 1), cols)
+        return x + dropout_BxT(self.mlp(self.mlp_norm(x)), rate, site_key(drop_key, 2), cols), new_kv
 
 
 class Transformer(nnx.Module):
@@ -96,8 +101,10 @@ class Transformer(nnx.Module):
         return constrain(jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype), ACT_BTD)
 
     def __call__(self, tokens=None, embeds=None, positions=None, mask=None, cache=None,
-                 return_all_hidden=False) -> ModelOutput:
+                 return_all_hidden=False, dropout_rng=None) -> ModelOutput:
         cfg = self.cfg
+        if not cfg.has_dropout:
+            dropout_rng = None
         if (tokens is None) == (embeds is None):
             raise ValueError("pass exactly one of tokens [B, T] or embeds [B, T, D]")
         x = self.embed_tokens(tokens) if embeds is None else embeds.astype(cfg.compute_dtype)
@@ -116,13 +123,13 @@ class Transformer(nnx.Module):
             positions = jnp.maximum(positions, 0)
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
-        x = constrain(x, ACT_BTD)
+        x = constrain(dropout_BxT(x, cfg.embd_dropout, site_key(dropout_rng, 0), q_slots[0]), ACT_BTD)
         all_hidden = [x] if return_all_hidden else None
         new_k, new_v = [], []
         run_block = _block_runner(getattr(cfg, "remat", "none"))
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = run_block(block, x, positions, q_slots, kv, key_valid, write_index)
+            x, kv = run_block(block, x, positions, q_slots, kv, key_valid, write_index, site_key(dropout_rng, i + 1))
             x = constrain(x, ACT_BTD)
             if kv is not None:
                 new_k.append(kv[0])
@@ -152,11 +159,14 @@ def abstract_model(cfg: ModelConfig):
 
 
 def forward(graphdef, params, tokens=None, embeds=None, positions=None, mask=None, cache=None,
-            return_all_hidden=False) -> ModelOutput:
-    """Pure forward pass: see `Transformer.__call__`. Accepts token ids or input embeddings."""
+            return_all_hidden=False, dropout_rng=None) -> ModelOutput:
+    """Pure forward pass: see `Transformer.__call__`. Accepts token ids or input embeddings. dropout_rng: a PRNG
+    key turns on the config's dropout (training); None (the default) is the deterministic pass. Masks depend on
+    (key, layer, site, column) only (`latent_jax.models.dropout`), so a pass over columns [a, b) with a cache
+    draws what a full pass draws there."""
     model = nnx.merge(graphdef, params)
     return model(tokens=tokens, embeds=embeds, positions=positions, mask=mask, cache=cache,
-                 return_all_hidden=return_all_hidden)
+                 return_all_hidden=return_all_hidden, dropout_rng=dropout_rng)
 
 
 def with_remat(graphdef, params, remat: str):
