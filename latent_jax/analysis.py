@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from latent_jax.data.prosqa import bfs_distances, graph_adjacency
+from latent_jax.layout import layout_prompts
 from latent_jax.models import forward, get_config, init_cache
 
 GRAPH_KEYS = ("idx_to_symbol", "edges", "root", "target")
@@ -139,8 +140,6 @@ def thought_states(graphdef, params, prefix_BxP, prefix_mask_BxP, *, n_latent: i
 def decode_thoughts(graphdef, params, prompts, pad_id: int, batch_size: int | None = None, bucket: int = 16):
     """Thoughts of a batch of `Prompt`s (all rows run the batch's max n_latent; row i keeps its first
     prompts[i].n_latent). Returns numpy (hidden [B, n, D], probs [B, n, V]) for the len(prompts) rows."""
-    from latent_jax.evaluate import layout_prompts
-
     prefix, mask, think, _ = layout_prompts(prompts, pad_id, bucket, batch_size)
     n = think.shape[1]
     if prefix.shape[1] + n > get_config(graphdef, params).max_positions:
@@ -188,7 +187,7 @@ def analyze_records(method, records: Sequence[dict], graphdef, params, stage: in
     """Decode the continuous thoughts of `records` and score the graph nodes (see the module docstring)."""
     tok = method.tok
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
-    c = max(getattr(method.cfg, "c_thought", 1), 1)
+    c = max(method.thoughts_per_step, 1)
     per_k: list[list[dict]] = []
     details = []
     for lo in range(0, len(records), batch_size):
@@ -254,7 +253,7 @@ def run_analysis(cfg: dict, model_dir, n: int | None = 200, top_k: int = 10, out
     records = _valid_records({**d, "valid_n": n})  # the run's reported set, in its encoding (symbolic included)
     tok = load_tokenizer(model_dir)
     method = build_method(cfg["method"]["name"], tok, **{k: v for k, v in cfg["method"].items() if k != "name"})
-    if not getattr(method, "uses_hidden_thoughts", False):
+    if not method.uses_hidden_thoughts:
         raise ValueError(f"method {cfg['method']['name']!r} has no continuous thoughts to analyze (needs coconut)")
     mcfg, graphdef, params = load_hf(model_dir)
     check_vocab_fits(tok.vocab_size, mcfg.vocab_size, f"tokenizer of {model_dir} (with {method.name}'s tokens)",

@@ -7,13 +7,12 @@ import pathlib
 import time
 from typing import Any, Sequence
 
-import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from latent_jax.generate import SamplingConfig
-from latent_jax.latent import latent_generate_padded
-from latent_jax.methods.base import Prompt, round_up
+from latent_jax.latent import generate_prompts  # noqa: F401 (re-exported: evaluate.generate_prompts)
+from latent_jax.layout import layout_prompts  # noqa: F401 (re-exported: evaluate.layout_prompts)
 from latent_jax.models import get_config
 
 
@@ -28,46 +27,6 @@ def r_head(record: dict[str, Any], n: int = 60) -> str:
     return repr(q[:n] + ("..." if len(q) > n else ""))
 
 
-def layout_prompts(prompts: Sequence[Prompt], pad_id: int, bucket: int = 16, batch_size: int | None = None):
-    """Arrays for `latent_generate_padded`: left-padded prefixes, right-aligned thought masks, suffixes."""
-    suffix_lens = {len(p.suffix) for p in prompts}
-    if len(suffix_lens) != 1:
-        raise ValueError(f"prompts in one batch need equal suffix lengths, got {sorted(suffix_lens)}")
-    B = batch_size or len(prompts)
-    P = round_up(max(len(p.prefix) for p in prompts), bucket)
-    n = max(p.n_latent for p in prompts)
-    S = suffix_lens.pop()
-    prefix = np.full((B, P), pad_id, np.int32)
-    mask = np.zeros((B, P), bool)
-    think = np.zeros((B, n), bool)
-    suffix = np.full((B, S), pad_id, np.int32)
-    for i, p in enumerate(prompts):
-        prefix[i, P - len(p.prefix):] = p.prefix
-        mask[i, P - len(p.prefix):] = True
-        think[i, n - p.n_latent:] = True
-        suffix[i] = p.suffix
-    mask[len(prompts):, -1] = True  # filler rows: one valid token so nothing is fully masked
-    return prefix, mask, think, suffix
-
-
-def generate_prompts(graphdef, params, prompts: Sequence[Prompt], sampling: SamplingConfig, eos_id: int,
-                     pad_id: int, seed: int = 0, bucket: int = 16, batch_size: int | None = None):
-    """Generate for a batch of `Prompt`s. Returns list of token lists (EOS included)."""
-    cfg = get_config(graphdef, params)
-    prefix, mask, think, suffix = layout_prompts(prompts, pad_id, bucket, batch_size)
-    # positions count real tokens only (left padding takes cache slots, not positions)
-    total = max(len(p.prefix) + p.n_latent + len(p.suffix) for p in prompts) + sampling.max_new_tokens
-    if total > cfg.max_positions:
-        i = max(range(len(prompts)), key=lambda j: len(prompts[j].prefix) + prompts[j].n_latent)
-        raise ValueError(f"prompt {i} of the batch: prompt + thoughts + max_new_tokens = {total} positions >"
-                         f" max_positions {cfg.max_positions}")
-    out, lengths = latent_generate_padded(graphdef, params, prefix, mask, think, suffix, jax.random.PRNGKey(seed),
-                                          n_latent=think.shape[1], sampling=sampling, eos_ids=(eos_id,),
-                                          pad_id=pad_id)
-    out, lengths = np.asarray(out), np.asarray(lengths)
-    return [out[i, :lengths[i]].tolist() for i in range(len(prompts))]
-
-
 def evaluate(method, records: Sequence[dict[str, Any]], graphdef, params, stage: int, batch_size: int = 32,
              max_new_tokens: int = 64, out_path: str | pathlib.Path | None = None, progress: bool = True,
              n_show: int = 3) -> dict[str, Any]:
@@ -75,7 +34,6 @@ def evaluate(method, records: Sequence[dict[str, Any]], graphdef, params, stage:
     tok = method.tok
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     correct, gen_tokens, shown = 0, [], []
-    gen = getattr(method, "generate", None) or generate_prompts  # methods with their own decoding (LT, Soft Thinking)
     max_positions = get_config(graphdef, params).max_positions if graphdef is not None else None  # None: a stub
     start = time.perf_counter()
     for lo in tqdm(range(0, len(records), batch_size), desc=f"eval {method.name}", disable=not progress):
@@ -87,9 +45,8 @@ def evaluate(method, records: Sequence[dict[str, Any]], graphdef, params, stage:
                 raise ValueError(f"record {lo + i} ({r_head(chunk[i])}): its prompt ({len(p.prefix)} tokens,"
                                  f" {p.n_latent} thoughts, {len(p.suffix)} after them) + max_new_tokens"
                                  f" {max_new_tokens} = {need} positions > the model's max_positions {max_positions}")
-        outs = gen(graphdef, params, prompts, sampling,
-                                eos_id=tok.eos_id, pad_id=tok.pad_id if tok.pad_id is not None else tok.eos_id,
-                                batch_size=batch_size)
+        outs = method.generate(graphdef, params, prompts, sampling, eos_id=tok.eos_id,  # LT / Soft Thinking: own
+                               pad_id=tok.pad_id if tok.pad_id is not None else tok.eos_id, batch_size=batch_size)
         for r, o in zip(chunk, outs):
             text = tok.decode([t for t in o if t != tok.eos_id])
             ok = extract_answer(text) == extract_answer(r["answer"])

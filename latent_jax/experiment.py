@@ -265,17 +265,9 @@ def check_encoding(folder, cfg: dict, what: str = "model") -> None:
 
 
 def stage_note(method, stage: int) -> str | None:
-    """What an evaluated curriculum stage means, where the number alone does not say it (a Coconut-family stage
-    past `max_latent_stage`: every written step removed)."""
-    c = getattr(method, "cfg", None)
-    m = getattr(c, "max_latent_stage", None)
-    if m is None or getattr(c, "variant", None) in ("cot", "no_cot") or stage <= m:
-        return None
-    k = getattr(c, "c_thought", 1)
-    slots = f"{m * k} thought slots" if getattr(c, "pad_latent_to_max", False) else \
-        f"up to {m * k} thought slots (min(steps, {m}) x c_thought {k})"
-    return (f"stage {stage} = past max_latent_stage {m}: every written reasoning step removed, {slots}"
-            + (" of <pause>" if c.variant == "pause_as_thought" else ", none" if k == 0 else ""))
+    """What an evaluated curriculum stage means, where the number alone does not say it (`Method.stage_note`:
+    a Coconut-family stage past `max_latent_stage`, every written step removed)."""
+    return method.stage_note(stage)
 
 
 def final_stage(method, cfg: dict) -> int:
@@ -314,11 +306,12 @@ def _run_train(cfg: dict, progress: bool, fresh: bool, t0: float) -> dict:
         shutil.rmtree(out / "train")
     train_records, valid_records, select_records, (tok, method, mcfg, graphdef, params) = _records_and_build(cfg)
     tcfg = {"output_dir": str(out / "train"), **cfg["train"]}
-    if hasattr(method.cfg, "max_latent_stage"):
-        tcfg.setdefault("max_latent_stage", method.cfg.max_latent_stage)
-        if tcfg["max_latent_stage"] != method.cfg.max_latent_stage:
+    m = method.max_latent_stage
+    if m is not None:  # the curriculum's last latent stage: the method's setting decides the trainer's
+        tcfg.setdefault("max_latent_stage", m)
+        if tcfg["max_latent_stage"] != m:
             raise ValueError(f"train.max_latent_stage={tcfg['max_latent_stage']} differs from"
-                             f" method.max_latent_stage={method.cfg.max_latent_stage}")
+                             f" method.max_latent_stage={m}")
     tcfg = TrainConfig.from_dict(tcfg)
     ev = cfg["eval"]
 
@@ -326,8 +319,7 @@ def _run_train(cfg: dict, progress: bool, fresh: bool, t0: float) -> dict:
         return evaluate(method, select_records, g, p, stage, batch_size=ev["batch_size"],
                         max_new_tokens=ev["max_new_tokens"], progress=False)
 
-    if hasattr(method, "prepare_data"):  # e.g. Token Assorted fits its VQ-VAE on the training CoTs
-        method.prepare_data(train_records, out)
+    method.prepare_data(train_records, out)  # e.g. Token Assorted fits its VQ-VAE on the training CoTs
     result = train(method, train_records, graphdef, params, tcfg, eval_fn=eval_fn, wall_start=t0)
     best = result.best_params if result.best_params is not None else result.params
     stage = final_stage(method, cfg)

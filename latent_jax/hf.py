@@ -40,7 +40,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
                            tie_embeddings=True, attn_bias=True, mlp_bias=True,
                            embd_dropout=float(hf.get("embd_pdrop", 0.1)),
                            resid_dropout=float(hf.get("resid_pdrop", 0.1)),
-                           attn_dropout=float(hf.get("attn_pdrop", 0.1)), bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")))
+                           attn_dropout=float(hf.get("attn_pdrop", 0.1)), bos_token_id=hf.get("bos_token_id"),
+                           eos_token_id=_first(hf.get("eos_token_id")))
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} unsupported (need silu)")
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})

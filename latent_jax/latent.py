@@ -9,13 +9,14 @@ over the rest [P+n, T). Same result as the reference's n+1 full forward passes, 
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
 
 from latent_jax.generate import SamplingConfig, decode_loop
-from latent_jax.methods.base import IGNORE
+from latent_jax.layout import Prompt, layout_prompts, token_loss  # noqa: F401 (token_loss re-exported)
 from latent_jax.models import embed_tokens, forward, get_config, init_cache
 
 
@@ -55,16 +56,6 @@ def latent_forward(graphdef, params, tokens, mask, latent, prefix_len: int, n_la
     return jnp.concatenate([pre.logits, jnp.swapaxes(logits_nxBxV, 0, 1), rest.logits], axis=1)
 
 
-def token_loss(logits_BxTxV, labels_BxT):
-    """Shifted cross-entropy: logits at t predict labels at t+1. Returns (sum of losses, #tokens, #correct)."""
-    logits, labels = logits_BxTxV[:, :-1], labels_BxT[:, 1:]
-    valid = labels != IGNORE
-    safe = jnp.where(valid, labels, 0)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
-    correct = (jnp.argmax(logits, axis=-1) == safe) & valid
-    return jnp.sum(ce * valid), jnp.sum(valid), jnp.sum(correct)
-
-
 def loss_fn(params, graphdef, batch: dict, prefix_len: int, n_latent: int, rng=None):
     """Mean token loss of a batch (dict of arrays: tokens, mask, labels, latent; optional positions [B, T] as
     `latent_forward` takes them). rng: dropout key (training), None: no dropout. Returns (loss, aux)."""
@@ -98,3 +89,21 @@ def latent_generate_padded(graphdef, params, prefix_BxP, prefix_mask_BxP, think_
         o = forward(graphdef, params, tokens=suffix_BxS, cache=cache)
         cache, last = o.cache, o.logits[:, -1]
     return decode_loop(graphdef, params, cache, last, rng, sampling, eos_ids, pad_id)
+
+
+def generate_prompts(graphdef, params, prompts: Sequence[Prompt], sampling: SamplingConfig, eos_id: int,
+                     pad_id: int, seed: int = 0, bucket: int = 16, batch_size: int | None = None):
+    """Generate for a batch of `Prompt`s. Returns list of token lists (EOS included)."""
+    cfg = get_config(graphdef, params)
+    prefix, mask, think, suffix = layout_prompts(prompts, pad_id, bucket, batch_size)
+    # positions count real tokens only (left padding takes cache slots, not positions)
+    total = max(len(p.prefix) + p.n_latent + len(p.suffix) for p in prompts) + sampling.max_new_tokens
+    if total > cfg.max_positions:
+        i = max(range(len(prompts)), key=lambda j: len(prompts[j].prefix) + prompts[j].n_latent)
+        raise ValueError(f"prompt {i} of the batch: prompt + thoughts + max_new_tokens = {total} positions >"
+                         f" max_positions {cfg.max_positions}")
+    out, lengths = latent_generate_padded(graphdef, params, prefix, mask, think, suffix, jax.random.PRNGKey(seed),
+                                          n_latent=think.shape[1], sampling=sampling, eos_ids=(eos_id,),
+                                          pad_id=pad_id)
+    out, lengths = np.asarray(out), np.asarray(lengths)
+    return [out[i, :lengths[i]].tolist() for i in range(len(prompts))]

@@ -1,7 +1,8 @@
 """Test helpers for latent_jax and downstream JAX test suites.
 
 Tiny random GPT-2 / Llama configs, Hugging Face reference checkpoints built in a folder (needs the `test`
-extra: transformers + torch), and a logits-parity checker against the PyTorch model.
+extra: transformers + torch), a logits-parity checker against the PyTorch model, and a toy Coconut-shaped method
+with learnable toy records for trainer tests (`ToyMethod`, `toy_records`, `quiet`, `make_batch`).
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 import numpy as np
 
 from latent_jax.config import ModelConfig, RopeScaling
+from latent_jax.layout import IGNORE, Example, Prompt, collate
+from latent_jax.methods.base import Method
 
 # name -> HF config kwargs. "llama" exercises GQA (kv_heads < heads), llama3 rope scaling and tied embeddings.
 TINY_HF_CONFIGS: dict[str, dict[str, Any]] = {
@@ -114,3 +117,66 @@ def while_body_copies(hlo_text: str) -> list[tuple[str, int]]:
                 n = int(np.prod([int(d) for d in m.group(2).split(",") if d])) if m.group(2) else 1
                 out.append((f"{m.group(1)}[{m.group(2)}]", n * sizes.get(m.group(1), 4)))
     return out
+
+
+# ---- a toy method for trainer tests ------------------------------------------------------------------------
+BOT, EOT, LAT, EOS, POISON = 200, 201, 202, 1, 10_000  # POISON >= vocab_size: its embedding is NaN (jnp.take)
+
+
+class ToyMethod(Method):
+    """Coconut-shaped toy: question <bot> <latent>*(k*c) <eot> remaining steps answer <eos> (token ids as data).
+    A record with "poison_stage" == stage gets an out-of-vocabulary token (-> NaN loss)."""
+
+    name = "toy"
+    special_tokens = ()
+
+    def __init__(self, c: int = 1, max_latent_stage: int = 1):
+        self.c, self.max_latent_stage = c, max_latent_stage
+
+    def num_stages(self) -> int:
+        return self.max_latent_stage + 1
+
+    def encode(self, record: dict, stage: int) -> Example:
+        steps = record["steps"]
+        if stage > self.max_latent_stage:
+            skip, n_lat = len(steps), min(len(steps), self.max_latent_stage) * self.c
+        else:
+            skip = min(stage, len(steps))
+            n_lat = skip * self.c
+        q = list(record["question"])
+        if record.get("poison_stage") == stage:
+            q[0] = POISON
+        rest = [t for s in steps[skip:] for t in s] + list(record["answer"]) + [EOS]
+        tokens = q + [BOT] + [LAT] * n_lat + [EOT] + rest
+        return Example(tokens, [IGNORE] * (len(q) + n_lat + 2) + rest, latent_start=len(q) + 1, n_latent=n_lat)
+
+    def prompt(self, record: dict, stage: int) -> Prompt:
+        return Prompt(list(record["question"]))
+
+
+def toy_records(n: int, seed: int = 0, n_steps: int = 2, q_len: int = 5) -> list[dict]:
+    """Learnable: steps are shifted copies of the question's first tokens, answer = sum(question) mod 50 + 60."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        q = [int(x) for x in rng.integers(10, 60, q_len)]
+        out.append({"question": q, "steps": [[t + 1 + i for t in q[:3]] for i in range(n_steps)],
+                    "answer": [sum(q) % 50 + 60]})
+    return out
+
+
+def quiet(**kw):
+    """A `TrainConfig` for tests: no progress bar, bucket 16, then `kw`."""
+    from latent_jax.trainer import TrainConfig
+
+    return TrainConfig(**{"progress": False, "bucket": 16, **kw})
+
+
+def make_batch(rng, vocab, specs, latent_id=7):
+    """A collated batch of random tokens; specs: list of (prefix_len, n_latent, rest_len) per row."""
+    exs = []
+    for p, n, r in specs:
+        toks = list(rng.integers(10, vocab, p)) + [latent_id] * n + list(rng.integers(10, vocab, r))
+        labels = [IGNORE] * (p + n) + toks[p + n:]
+        exs.append(Example([int(t) for t in toks], [int(t) for t in labels], latent_start=p, n_latent=n))
+    return collate(exs, pad_id=0, bucket=8)

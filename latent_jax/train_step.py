@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from latent_jax.latent import loss_fn
-from latent_jax.methods.base import Batch
+from latent_jax.layout import Batch
 from latent_jax.models.transformer import with_remat
 from latent_jax.sharding import jit_sharded
 

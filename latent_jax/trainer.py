@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 
 from latent_jax.checkpoint import Checkpointer, CheckpointError, MetricsLog, abstract_like, check_compatible
 from latent_jax.config import REMAT, check_keys
-from latent_jax.latent import loss_fn
 from latent_jax.data.pipeline import (Placement, epoch_dataset, epoch_iterator, fingerprint,
                                       micro_batches_per_epoch, same_layout_across_hosts, scheduled_stage)
 from latent_jax.models import get_config
@@ -161,25 +160,25 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
     n_micro = micro_batches_per_epoch(len(train_records), cfg.batch_size)
     total_steps = cfg.epochs * -(-n_micro // cfg.grad_accum)
     steps_per_epoch = -(-n_micro // cfg.grad_accum)
-    loss_for = getattr(method, "loss_for_stage", lambda stage: loss_fn)
     place = Placement(cfg.batch_size * pc, cfg.mesh)
     tx, rng0 = make_optimizer(cfg.weight_decay, cfg.grad_clip), jax.random.PRNGKey(cfg.seed)
-    schedule = getattr(method, "schedule", None)
     # "stage" resets only where the stage means something: a curriculum (num_stages > 1) or the method's own
     # schedule (iCoT-SI removal counts); CoT / No-CoT / Pause keep their AdamW moments across epochs
-    staged = schedule is not None or (method.num_stages() if hasattr(method, "num_stages") else 1) > 1
+    own_schedule = method.schedule(0, 0, steps_per_epoch) is not None
+    staged = own_schedule or method.num_stages() > 1
 
     def stage_at(epoch: int, micro: int) -> int:  # the stage of micro-batch `micro` of `epoch`
-        return schedule(epoch, micro // cfg.grad_accum, steps_per_epoch) if schedule else cfg.stage(epoch)
+        s = method.schedule(epoch, micro // cfg.grad_accum, steps_per_epoch)
+        return cfg.stage(epoch) if s is None else s
 
     params = place.tree(params)
     opt_state = place.tree(tx.init(params))
     acc = place.tree(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
     trajectory = {k: v for k, v in cfg.to_dict().items()
                   if k not in RESUMABLE and not (k == "epochs" and cfg.schedule == "constant")}
-    trajectory.update(method=getattr(method, "name", type(method).__name__), n_records=len(train_records),
+    trajectory.update(method=method.name, n_records=len(train_records),
                       data=fingerprint(train_records), process_count=pc)
-    if dataclasses.is_dataclass(getattr(method, "cfg", None)):  # c_thought, max_latent_stage, ...: the run's identity
+    if dataclasses.is_dataclass(method.cfg):  # c_thought, max_latent_stage, ...: the run's identity
         trajectory["method_config"] = dataclasses.asdict(method.cfg)
     out = cfg.output_dir
     lock = RunLock(out, "training run").acquire() if out and main else None  # before anything is written there
@@ -213,7 +212,7 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
             best_acc, epoch_loss, epoch_tokens = meta["best_accuracy"], meta["epoch_loss"], meta["epoch_tokens"]
             last_stage, elapsed = meta.get("last_stage"), meta.get("train_seconds", 0.0)
             wall_before = meta.get("wall_seconds", elapsed)
-            if meta.get("method_state") is not None and hasattr(method, "set_state"):
+            if meta.get("method_state") is not None:
                 method.set_state(meta["method_state"])
         if best_ckpt is not None:
             for s in best_ckpt.all_steps():  # a "best" newer than the resumed step will be recomputed
@@ -230,7 +229,7 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
 
         def save(data_iter) -> None:
             meta = dict(step=step, epoch=epoch, micro=micro, stage=stage_at(epoch, micro), last_stage=last_stage,
-                        method_state=method.get_state() if hasattr(method, "get_state") else None, history=history,
+                        method_state=method.get_state(), history=history,
                         best_accuracy=best_acc, epoch_loss=epoch_loss, epoch_tokens=epoch_tokens, seed=cfg.seed,
                         train_seconds=elapsed + time.perf_counter() - t_start,
                         wall_seconds=wall_before + time.perf_counter() - wall_start,
@@ -238,7 +237,7 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
             ckpt.save(step, params, meta, opt_state, data_iter)
 
         while epoch < cfg.epochs:
-            if micro == 0 and stage_at(epoch, 0) != last_stage and hasattr(method, "on_stage_start"):
+            if micro == 0 and stage_at(epoch, 0) != last_stage:
                 method.on_stage_start(stage_at(epoch, 0), graphdef, params, train_records)  # e.g. rebuild data
             it = epoch_iterator(epoch_dataset(method, train_records, epoch=epoch, stage=cfg.stage(epoch),
                                               seed=cfg.seed, batch_size=cfg.batch_size,
@@ -261,7 +260,7 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
                 k = min(cfg.grad_accum, n_micro - micro)  # micro-batches collated lazily (overlaps the dispatch)
                 lr = cfg.lr_at(step, total_steps)
                 state, m = train_step(state, (same_layout_across_hosts(next(it)) for _ in range(k)), lr=lr,
-                                      loss=loss_for(stage), normalization=cfg.loss_normalization, mesh=place.mesh,
+                                      loss=method.loss_for_stage(stage), normalization=cfg.loss_normalization, mesh=place.mesh,
                                       remat=cfg.remat, place=place.batch)
                 params, opt_state, acc, micro = state.params, state.opt_state, state.grad_acc, micro + k
                 loss_sum, n_tok, loss = m["loss_sum"], m["n_tokens"], m["loss"]
@@ -295,8 +294,7 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
                 metrics.write(dict(step=step, epoch=epoch, stage=stage, eval=scalars))
                 # ties go to the later epoch: more training, and for a schedule such as iCoT-SI's the model that
                 # has internalized more (an all-zero run must not report its epoch-0, CoT-writing model)
-                eligible = method.eligible_for_best(stage) if hasattr(method, "eligible_for_best") else True
-                if eligible and (best_acc is None or result["accuracy"] >= best_acc):
+                if method.eligible_for_best(stage) and (best_acc is None or result["accuracy"] >= best_acc):
                     best_acc, best_params = float(result["accuracy"]), jax.tree.map(jnp.copy, params)
                     if best_ckpt is not None:
                         best_ckpt.save(step, best_params, dict(step=step, epoch=epoch, accuracy=best_acc))

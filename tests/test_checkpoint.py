@@ -15,11 +15,9 @@ import pytest
 from latent_jax.checkpoint import Checkpointer, abstract_like, export_hf
 from latent_jax.data.pipeline import epoch_dataset, epoch_iterator
 from latent_jax.models import init_model
-from latent_jax.testing import tiny_config
+from latent_jax.testing import ToyMethod, tiny_config, toy_records
 from latent_jax.trainer import TrainConfig, make_optimizer, train
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from test_trainer import ToyMethod, toy_records  # noqa: E402
 
 TESTS = pathlib.Path(__file__).parent
 

@@ -1,8 +1,11 @@
 """YAML configs: every shipped config loads and builds its method; overrides; unknown keys are errors."""
+import dataclasses
+import json
+
 import pytest
 
 from latent_jax.experiment import REPO_CONFIGS, build, format_table, load_config
-from latent_jax.methods import METHODS, build_method
+from latent_jax.methods import METHODS, Method, build_method
 from latent_jax.tokenizer import load_tokenizer
 
 CONFIGS = sorted(p.stem for p in REPO_CONFIGS.glob("*.yaml"))
@@ -19,9 +22,18 @@ def test_config_loads_and_builds_method(name):
     TrainConfig.from_dict({"output_dir": "/tmp/x", **cfg["train"],
                            **({"max_latent_stage": cfg["method"]["max_latent_stage"]}
                               if "max_latent_stage" in cfg["method"] else {})})
-    m = build_method(cfg["method"]["name"], load_tokenizer("gpt2"),
-                     **{k: v for k, v in cfg["method"].items() if k != "name"})
-    assert m.num_stages() >= 1
+    options = {k: v for k, v in cfg["method"].items() if k != "name"}
+    m = build_method(cfg["method"]["name"], load_tokenizer("gpt2"), **options)
+    built = json.loads(json.dumps(dataclasses.asdict(m.cfg)))  # lists and tuples compare alike
+    assert m.name == cfg["method"]["name"] and isinstance(m, Method)
+    assert _given(json.loads(json.dumps(options)), built)  # every YAML option reached the method's config
+
+
+def _given(want, got) -> bool:
+    """Every value the YAML gives is the built config's (nested sections may hold more defaults; "inf": None)."""
+    if isinstance(want, dict):
+        return isinstance(got, dict) and all(k in got and _given(v, got[k]) for k, v in want.items())
+    return got is None if want == "inf" else want == got
 
 
 def test_overrides_and_errors(tmp_path):

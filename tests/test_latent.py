@@ -9,7 +9,7 @@ import pytest
 from latent_jax.latent import loss_fn, token_loss
 from latent_jax.methods.base import IGNORE, Example, collate
 from latent_jax.models import embed_tokens, forward, init_model
-from latent_jax.testing import tiny_config
+from latent_jax.testing import make_batch, tiny_config
 
 
 def naive_loss(params, graphdef, batch, slots, rng=None):
@@ -25,16 +25,6 @@ def naive_loss(params, graphdef, batch, slots, rng=None):
     logits = forward(graphdef, params, embeds=emb, mask=batch["mask"], dropout_rng=rng).logits
     total, count, _ = token_loss(logits, batch["labels"])
     return total / count
-
-
-def make_batch(rng, vocab, specs, latent_id=7):
-    """specs: list of (prefix_len, n_latent, rest_len)."""
-    exs = []
-    for p, n, r in specs:
-        toks = list(rng.integers(10, vocab, p)) + [latent_id] * n + list(rng.integers(10, vocab, r))
-        labels = [IGNORE] * (p + n) + toks[p + n:]
-        exs.append(Example([int(t) for t in toks], [int(t) for t in labels], latent_start=p, n_latent=n))
-    return collate(exs, pad_id=0, bucket=8)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -11,10 +11,8 @@ from latent_jax.config import ModelConfig
 from latent_jax.latent import loss_fn
 from latent_jax.models import forward, init_model
 from latent_jax.models.transformer import with_remat
-from latent_jax.testing import tiny_config
+from latent_jax.testing import ToyMethod, make_batch, quiet, tiny_config, toy_records
 from latent_jax.trainer import train
-from test_latent import make_batch
-from test_trainer import ToyMethod, quiet, toy_records
 
 
 def test_remat_keeps_latent_loss_and_grads():

@@ -145,7 +145,7 @@ def test_evaluate_counts_exact_matches(monkeypatch, tmp_path):
                 for i in range(i0, i0 + len(prompts))]
 
     fake_generate.seen = 0
-    monkeypatch.setattr(ev, "generate_prompts", fake_generate)
+    monkeypatch.setattr(m, "generate", fake_generate)  # the Method hook evaluate() decodes with
     res = ev.evaluate(m, recs, None, None, stage=6, batch_size=2, out_path=tmp_path / "r.json", progress=False)
     assert res["accuracy"] == pytest.approx(3 / 5) and res["n"] == 5
     assert (tmp_path / "r.json").exists()

@@ -10,65 +10,17 @@ import numpy as np
 import pytest
 
 from latent_jax.checkpoint import Checkpointer
-from latent_jax.data.pipeline import Placement, epoch_dataset, epoch_iterator, example_stage, pad_batch, scheduled_stage
+from latent_jax.data.pipeline import Placement, epoch_dataset, epoch_iterator, pad_batch, scheduled_stage
 from latent_jax.latent import loss_fn
-from latent_jax.methods.base import IGNORE, Example, Prompt, collate
+from latent_jax.layout import IGNORE, collate
+from latent_jax.methods.base import uniform_example_stage as example_stage
 from latent_jax.models import init_model
-from latent_jax.testing import tiny_config
+from latent_jax.testing import ToyMethod, quiet, tiny_config, toy_records
 from latent_jax.trainer import TrainConfig, make_steps, train
-
-BOT, EOT, LAT, EOS, POISON = 200, 201, 202, 1, 10_000  # POISON >= vocab_size: its embedding is NaN (jnp.take)
-
-
-class ToyMethod:
-    """Coconut-shaped toy: question <bot> <latent>*(k*c) <eot> remaining steps answer <eos> (token ids as data).
-    A record with "poison_stage" == stage gets an out-of-vocabulary token (-> NaN loss)."""
-
-    name = "toy"
-    special_tokens = ()
-
-    def __init__(self, c: int = 1, max_latent_stage: int = 1):
-        self.c, self.max_latent_stage = c, max_latent_stage
-
-    def num_stages(self) -> int:
-        return self.max_latent_stage + 1
-
-    def encode(self, record: dict, stage: int) -> Example:
-        steps = record["steps"]
-        if stage > self.max_latent_stage:
-            skip, n_lat = len(steps), min(len(steps), self.max_latent_stage) * self.c
-        else:
-            skip = min(stage, len(steps))
-            n_lat = skip * self.c
-        q = list(record["question"])
-        if record.get("poison_stage") == stage:
-            q[0] = POISON
-        rest = [t for s in steps[skip:] for t in s] + list(record["answer"]) + [EOS]
-        tokens = q + [BOT] + [LAT] * n_lat + [EOT] + rest
-        return Example(tokens, [IGNORE] * (len(q) + n_lat + 2) + rest, latent_start=len(q) + 1, n_latent=n_lat)
-
-    def prompt(self, record: dict, stage: int) -> Prompt:
-        return Prompt(list(record["question"]))
-
-
-def toy_records(n: int, seed: int = 0, n_steps: int = 2, q_len: int = 5) -> list[dict]:
-    """Learnable: steps are shifted copies of the question's first tokens, answer = sum(question) mod 50 + 60."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        q = [int(x) for x in rng.integers(10, 60, q_len)]
-        out.append({"question": q, "steps": [[t + 1 + i for t in q[:3]] for i in range(n_steps)],
-                    "answer": [sum(q) % 50 + 60]})
-    return out
-
 
 @pytest.fixture(scope="module")
 def model():
     return init_model(tiny_config("gpt2"), seed=0)
-
-
-def quiet(**kw) -> TrainConfig:
-    return TrainConfig(**{"progress": False, "bucket": 16, **kw})
 
 
 def test_config_validation_and_from_dict():

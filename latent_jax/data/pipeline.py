@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import grain
 import jax
@@ -31,7 +31,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from latent_jax import sharding
-from latent_jax.methods.base import IGNORE, Batch, Example, Method, collate
+from latent_jax.layout import IGNORE, Batch, Example, round_up
+
+if TYPE_CHECKING:  # annotations only: the pipeline calls methods through the base class, never imports them
+    from latent_jax.methods.base import Method
 
 
 def scheduled_stage(epoch: int, epochs_per_stage: int, max_latent_stage: int) -> int:
@@ -40,21 +43,9 @@ def scheduled_stage(epoch: int, epochs_per_stage: int, max_latent_stage: int) ->
     return min(epoch // epochs_per_stage, max_latent_stage + 1)
 
 
-def example_stage(record: dict[str, Any], index: int, epoch: int, stage: int, seed: int,
-                  uniform_prob: float) -> int:
-    """`stage`, or with probability `uniform_prob` a uniform draw from [0, len(record["steps"])].
-    Deterministic in (seed, epoch, index); index is the record's position in the full training set."""
-    if uniform_prob <= 0.0:
-        return stage
-    rng = np.random.default_rng([seed, epoch, index, 0x5EED])
-    if rng.random() < uniform_prob:
-        return int(rng.integers(0, len(record["steps"]) + 1))
-    return stage
-
-
 def pad_id_of(method: Method) -> int:
     """The pad token of the method's tokenizer (0 when it has none; pads are masked out anyway)."""
-    pad = getattr(getattr(method, "tok", None), "pad_id", None)
+    pad = None if method.tok is None else method.tok.pad_id
     return 0 if pad is None else int(pad)
 
 
@@ -71,7 +62,7 @@ def epoch_dataset(method: Method, records: Sequence[dict[str, Any]], *, epoch: i
                   fixed_shapes: bool = False) -> grain.MapDataset:
     """The micro-batches (`Batch`) of one epoch for this host, as a random-access grain `MapDataset`.
     `stage_fn(micro)` gives the stage of the epoch's micro-batch `micro` (default: `stage` for all). The method's
-    optional `example_stage` / `collate` hooks replace the defaults of this module / `methods.base`.
+    `example_stage` / `collate` hooks (`methods.base.Method`) choose each example's stage and lay out batches.
     `length_groups` G > 0: after the shuffle, each window of G micro-batches is sorted by record length, cut into
     micro-batches, and their order shuffled (`group_by_length`): rows of similar length share a batch, so the
     bucketed padding shrinks (40% -> 29% at the small symbolic rung, BUILD_NOTES.md), still a pure function of
@@ -85,18 +76,16 @@ def epoch_dataset(method: Method, records: Sequence[dict[str, Any]], *, epoch: i
     if usable == 0:
         raise ValueError(f"{len(records)} training records cannot be split over {pc} processes")
     pad = pad_id_of(method)
-    ex_stage = getattr(method, "example_stage", example_stage)
-    collate_ = getattr(method, "collate", collate)
 
     def encode(item: tuple[int, tuple[int, dict[str, Any]]]) -> Example:
         position, (index, record) = item
         base = stage if stage_fn is None else stage_fn(position // batch_size)
-        return method.encode(record, ex_stage(record, index, epoch, base, seed, uniform_prob))
+        return method.encode(record, method.example_stage(record, index, epoch, base, seed, uniform_prob))
 
     target = _epoch_shape(method, records, stage, bucket) if fixed_shapes else None
 
     def collate_fn(examples: Sequence[Example]) -> Batch:
-        b = collate_(examples, pad, bucket=bucket, max_len=max_len, batch_size=batch_size)
+        b = method.collate(examples, pad, bucket=bucket, max_len=max_len, batch_size=batch_size)
         if target is None or not b.n_latent:  # thoughtless batches keep their buckets (their compiles are cheap)
             return b
         P = max(b.prefix_len, target[0])
@@ -117,8 +106,6 @@ def epoch_dataset(method: Method, records: Sequence[dict[str, Any]], *, epoch: i
 
 def _epoch_shape(method: Method, records: Sequence[dict[str, Any]], stage: int, bucket: int) -> tuple[int, int]:
     """(prefix, remainder after the thoughts) that hold every record at `stage`, bucketed."""
-    from latent_jax.methods.base import round_up
-
     exs = [method.encode(r, stage) for r in records]
     return (round_up(max(e.latent_start for e in exs), bucket),
             round_up(max(len(e.tokens) - e.latent_start - e.n_latent for e in exs), bucket))

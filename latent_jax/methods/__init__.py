@@ -10,7 +10,8 @@ import importlib
 import importlib.util
 from typing import Any
 
-from latent_jax.methods.base import IGNORE, Batch, Example, Method, Prompt, collate
+from latent_jax.layout import IGNORE, Batch, Example, Prompt, collate
+from latent_jax.methods.base import Method
 from latent_jax.methods.coconut import Coconut, CoconutConfig
 from latent_jax.methods.pause import Pause, PauseConfig
 from latent_jax.tokenizer import Tokenizer
@@ -28,9 +29,30 @@ REGISTRY: dict[str, tuple[str, str, str, dict[str, Any]]] = {
 METHODS = tuple(n for n, (mod, *_) in REGISTRY.items() if importlib.util.find_spec(f"latent_jax.methods.{mod}"))
 
 
+_REGISTERED: dict[str, tuple[type, type, dict[str, Any]]] = {}  # methods added from outside the package
+
+
+def register_method(name: str, cls: type, config_cls: type, fixed: dict[str, Any] | None = None) -> None:
+    """Make `build_method(name, ...)` (and so `method.name: NAME` in a config) build `cls(tokenizer, config)`.
+    cls must subclass `Method`; config_cls is its frozen config dataclass; `fixed` are config fields the name
+    sets. A built-in name cannot be replaced. See docs/adding_a_method.md."""
+    if name in REGISTRY:
+        raise ValueError(f"method {name!r} is built in; choose another name")
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"{cls!r} does not subclass latent_jax.methods.base.Method")
+    _REGISTERED[name] = (cls, config_cls, dict(fixed or {}))
+
+
+def available_methods() -> tuple[str, ...]:
+    """Every name `build_method` accepts: the built-ins installed here, then the registered ones."""
+    return METHODS + tuple(_REGISTERED)
+
+
 def _classes(name: str):
+    if name in _REGISTERED:
+        return _REGISTERED[name]
     if name not in REGISTRY:
-        raise ValueError(f"unknown method {name!r}; valid: {METHODS}")
+        raise ValueError(f"unknown method {name!r}; valid: {available_methods()}")
     module, cls, cfg_cls, fixed = REGISTRY[name]
     mod = importlib.import_module(f"latent_jax.methods.{module}")
     return getattr(mod, cls), getattr(mod, cfg_cls), fixed
@@ -66,4 +88,5 @@ def prepare_model(method, model_cfg, graphdef, params):
 
 
 __all__ = ["IGNORE", "Batch", "Example", "Method", "Prompt", "collate", "Coconut", "CoconutConfig", "Pause",
-           "PauseConfig", "METHODS", "REGISTRY", "build_method", "method_config", "prepare_model"]
+           "PauseConfig", "METHODS", "REGISTRY", "available_methods", "build_method", "method_config", "prepare_model",
+           "register_method"]

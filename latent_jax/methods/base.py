@@ -1,98 +1,26 @@
-"""The Method interface and the batch layout shared by every method.
+"""The `Method` base class: what the trainer, evaluation, analysis and the CLI may ask of a latent-reasoning method.
 
-An `Example` is one tokenized record at one curriculum stage: tokens, labels (HF convention: aligned with tokens,
--100 = ignored; the loss shifts), and a block of `n_latent` latent slots starting at `latent_start`.
+A method is a class `Cls(tokenizer, cfg)` with a frozen config dataclass (`cfg`), registered in
+`latent_jax.methods.REGISTRY`. It must implement `encode` (a record at a curriculum stage -> `Example`) and
+`prompt` (a record -> the generation `Prompt`); every other hook has a documented default here, and the callers
+use only these members (no `getattr` / `hasattr` probing). The shared types (`Example`, `Batch`, `collate`,
+`Prompt`, `IGNORE`) live in `latent_jax.layout`, below the methods; they are re-exported here.
 
-`collate` lays a batch out for the compiled latent loop: rows are left-padded so that every row's first latent
-slot sits at the same column `prefix_len` (rounded up to `bucket`), and right-padded to a bucketed total length.
-`prefix_len` and `n_latent` (the batch max) are static: one compile per (B, prefix_len, T, n_latent). A batch
-without thoughts (CoT, No-CoT, iCoT, stage 0 of the curriculum) needs no alignment: it is only right-padded, with
-prefix_len 0, which saves the alignment padding and keeps one compile per bucketed length.
+    class Mine(Method):
+        name = "mine"
+        def __init__(self, tokenizer, cfg): self.tok, self.cfg = tokenizer, cfg
+        def encode(self, record, stage): ...   # -> Example
+        def prompt(self, record, stage): ...   # -> Prompt
+
+See docs/adding_a_method.md for a complete one-file method.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-IGNORE = -100
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-    tokens: list[int]
-    labels: list[int]
-    latent_start: int  # index of the first latent slot (== len(prefix) when n_latent == 0)
-    n_latent: int = 0
-
-    def __post_init__(self):
-        if len(self.tokens) != len(self.labels):
-            raise ValueError(f"tokens ({len(self.tokens)}) and labels ({len(self.labels)}) differ in length")
-        if not 0 < self.latent_start <= len(self.tokens) - self.n_latent:
-            raise ValueError(f"latent block [{self.latent_start}, +{self.n_latent}) does not fit in"
-                             f" {len(self.tokens)} tokens after a non-empty prefix")
-
-
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    """Arrays [B, T] (numpy) + the static split. `latent_BxT` marks slots fed with the previous hidden state."""
-
-    tokens: np.ndarray  # int32
-    mask: np.ndarray  # bool, real tokens
-    labels: np.ndarray  # int32, IGNORE where no loss
-    latent: np.ndarray  # bool
-    prefix_len: int
-    n_latent: int
-    extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # method-specific arrays [B, ...]
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"tokens": self.tokens, "mask": self.mask, "labels": self.labels, "latent": self.latent, **self.extra}
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.mask.sum())
-
-
-def round_up(n: int, bucket: int) -> int:
-    return -(-n // bucket) * bucket
-
-
-def collate(examples: Sequence[Example], pad_id: int, bucket: int = 32, max_len: int | None = None,
-            batch_size: int | None = None, align: bool = False) -> Batch:
-    """Align latent starts, pad to buckets. `batch_size` pads with empty rows (mask all False) for a fixed B.
-    A batch without thoughts is only right-padded (prefix_len 0: no alignment padding, one compile per length)
-    unless `align` (a method that places its own thoughts after the aligned prefix, e.g. LT-Tuning)."""
-    if not examples:
-        raise ValueError("empty batch")
-    n_lat = max(e.n_latent for e in examples)
-    starts = [e.latent_start if n_lat or align else 0 for e in examples]
-    P = round_up(max(starts), bucket)
-    rest = max(len(e.tokens) - s - n_lat for e, s in zip(examples, starts))
-    T = round_up(P + n_lat + max(rest, 1), bucket)
-    if max_len is not None and max(len(e.tokens) for e in examples) > max_len:
-        raise ValueError(f"an example has {max(len(e.tokens) for e in examples)} tokens, more than the model's"
-                         f" {max_len} positions (shorten the data or use a longer-context model)")
-    if max_len is not None and T > max_len:  # padding alone overflows: shrink the buckets to exact sizes
-        P = max(starts)
-        T = P + n_lat + max(rest, 1)
-        if T > max_len:
-            raise ValueError(f"aligned batch needs {T} positions > max_positions {max_len}; use smaller batches")
-    B = batch_size or len(examples)
-    if B < len(examples):
-        raise ValueError(f"batch_size {B} < {len(examples)} examples")
-    tokens = np.full((B, T), pad_id, np.int32)
-    labels = np.full((B, T), IGNORE, np.int32)
-    mask = np.zeros((B, T), bool)
-    latent = np.zeros((B, T), bool)
-    for i, (e, start) in enumerate(zip(examples, starts)):
-        off = P - start
-        n = len(e.tokens)
-        tokens[i, off:off + n] = e.tokens
-        labels[i, off:off + n] = e.labels
-        mask[i, off:off + n] = True
-        latent[i, P:P + e.n_latent] = True
-    return Batch(tokens, mask, labels, latent, P, n_lat)
+from latent_jax.layout import IGNORE, Batch, Example, Prompt, collate, round_up  # noqa: F401 (re-exported)
 
 
 def first_token_id(tok, text: str, what: str = "init_token") -> int:
@@ -103,47 +31,121 @@ def first_token_id(tok, text: str, what: str = "init_token") -> int:
     return ids[0]
 
 
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-    """Generation input: prefix tokens, then n_latent thoughts, then suffix tokens, then free decoding."""
+def uniform_example_stage(record: dict[str, Any], index: int, epoch: int, stage: int, seed: int,
+                          uniform_prob: float) -> int:
+    """`stage`, or with probability `uniform_prob` a uniform draw from [0, len(record["steps"])] (the reference's
+    `uniform_prob` mixing). Deterministic in (seed, epoch, index); index is the record's position in the full
+    training set."""
+    if uniform_prob <= 0.0:
+        return stage
+    rng = np.random.default_rng([seed, epoch, index, 0x5EED])
+    if rng.random() < uniform_prob:
+        return int(rng.integers(0, len(record["steps"]) + 1))
+    return stage
 
-    prefix: list[int]
-    n_latent: int = 0
-    suffix: list[int] = dataclasses.field(default_factory=list)
 
+class Method:
+    """A latent-reasoning method: the data layout per curriculum stage, the generation prompt, and hooks.
 
-class Method(Protocol):
-    """A latent-reasoning method: data layout per curriculum stage + generation prompt.
-
-    Required: `name`, `tok` (its Tokenizer), `special_tokens`, `num_stages`, `encode`, `prompt`, `init_token_id`.
-    Optional hooks (looked up with getattr; the default in brackets):
-
-      schedule(epoch, step, steps_per_epoch) -> int      stage of optimizer step `step` (0-based, within the
-                                                          epoch) [TrainConfig.stage(epoch): the Coconut curriculum]
-      example_stage(record, index, epoch, stage, seed, uniform_prob) -> int
-                                                          per-example stage, deterministic in its arguments
-                                                          [data.pipeline.example_stage: uniform_prob mixing]
-      collate(examples, pad_id, bucket, max_len, batch_size) -> Batch            [methods.base.collate]
-      loss_for_stage(stage) -> loss_fn(params, graphdef, batch, prefix_len, n_latent) -> (loss, aux)
-                                                          pure; aux has loss_sum, n_tokens, n_correct; the same
-                                                          (hashable) object for the same stage: the jitted train
-                                                          step is cached on it             [latent.loss_fn]
-      on_stage_start(stage, graphdef, params, records)    before an epoch whose first stage differs from the
-                                                          previous step's (rebuild data from the current model)
-      get_state() -> JSON / set_state(state)              method state saved in / restored from checkpoints
-      prepare_data(train_records, output_dir)             once before training (fit a tokenizer of latents, ...)
-      generate(graphdef, params, prompts, sampling, eos_id, pad_id, batch_size) -> list[list[int]]
-                                                          evaluation decoding          [evaluate.generate_prompts]
+    Members every method has:
+      name                 its `method.name` (the registry key)
+      tok                  its tokenizer (special tokens already added); cfg: its frozen config dataclass
+      special_tokens       tokens it adds to the tokenizer (default none)
+      uses_hidden_thoughts thoughts are final hidden states fed back (Coconut): `latent-jax analyze` applies
+      thoughts_per_step    continuous thoughts per replaced reasoning step (Coconut's c_thought; default 1)
+      max_latent_stage     the last latent stage of a Coconut-style curriculum, which sets the trainer's
+                           (`train.max_latent_stage`); None (default): the method has no such curriculum
+    Required: `encode`, `prompt`. Hooks with defaults (override what the method needs):
+      num_stages, init_token_id, schedule, example_stage, collate, loss_for_stage, on_stage_start,
+      get_state / set_state, prepare_data, generate, eligible_for_best, stage_note.
     """
 
-    name: str
-    special_tokens: tuple[str, ...]
+    name: str = "method"
+    special_tokens: tuple[str, ...] = ()
+    uses_hidden_thoughts: bool = False
+    thoughts_per_step: int = 1
+    max_latent_stage: int | None = None
+    tok: Any = None
+    cfg: Any = None
 
-    def num_stages(self) -> int:
-        """Number of distinct curriculum stages (1 for methods without a curriculum)."""
-
+    # ---- data layout (required) ---------------------------------------------------------------------------------
     def encode(self, record: dict[str, Any], stage: int) -> Example:
         """Tokenize a record for training at `stage` (token ids from the method's tokenizer)."""
+        raise NotImplementedError(f"{type(self).__name__}.encode")
 
     def prompt(self, record: dict[str, Any], stage: int) -> Prompt:
-        """The generation prompt for evaluation at `stage`."""
+        """The generation prompt of a record for evaluation at `stage`."""
+        raise NotImplementedError(f"{type(self).__name__}.prompt")
+
+    # ---- curriculum ---------------------------------------------------------------------------------------------
+    def num_stages(self) -> int:
+        """Distinct curriculum stages; evaluation after training uses the last one. Default 1 (no curriculum)."""
+        return 1
+
+    def schedule(self, epoch: int, step: int, steps_per_epoch: int) -> int | None:
+        """The stage of optimizer step `step` (0-based within `epoch`), or None (the default): the trainer's
+        curriculum, `TrainConfig.stage(epoch)` (epochs_per_stage, max_latent_stage). A method with its own
+        schedule (iCoT-SI's removal count, LT-Tuning's stages) returns an int for every step; the trainer then
+        resets the optimizer where the stage changes (`train.reset_optimizer: stage`)."""
+        return None
+
+    def example_stage(self, record: dict[str, Any], index: int, epoch: int, stage: int, seed: int,
+                      uniform_prob: float) -> int:
+        """The stage one training example is encoded at, deterministic in its arguments. Default: `stage`, or
+        with probability `uniform_prob` a uniform draw over 0..len(steps) (`uniform_example_stage`)."""
+        return uniform_example_stage(record, index, epoch, stage, seed, uniform_prob)
+
+    def eligible_for_best(self, stage: int) -> bool:
+        """Whether a model evaluated at `stage` may be kept as the best (iCoT-SI: only once no CoT is written).
+        Default True."""
+        return True
+
+    def stage_note(self, stage: int) -> str | None:
+        """A sentence for the results table when the stage number alone does not say what was evaluated (Coconut:
+        a stage past max_latent_stage). Default None."""
+        return None
+
+    # ---- batches and loss ---------------------------------------------------------------------------------------
+    def collate(self, examples: Sequence[Example], pad_id: int, bucket: int = 32, max_len: int | None = None,
+                batch_size: int | None = None) -> Batch:
+        """Lay out a micro-batch. Default `latent_jax.layout.collate` (thoughts aligned at one column)."""
+        return collate(examples, pad_id, bucket, max_len, batch_size)
+
+    def loss_for_stage(self, stage: int) -> Callable:
+        """The loss of a stage, `loss(params, graphdef, batch, prefix_len, n_latent, rng) -> (loss, aux)` (pure;
+        aux has loss_sum, n_tokens, n_correct; rng is the dropout key). Return the same (hashable) object for the
+        same stage: the jitted train step is cached on it. Default: the latent loop's `latent.loss_fn`."""
+        from latent_jax.latent import loss_fn
+
+        return loss_fn
+
+    # ---- state and data preparation -----------------------------------------------------------------------------
+    def init_token_id(self) -> int | None:
+        """The token whose embedding initializes the rows of the method's new special tokens (Coconut: "<<"), or
+        None (the default): new rows keep `resize_vocab`'s own initialization."""
+        return None
+
+    def prepare_data(self, train_records: Sequence[dict[str, Any]], output_dir) -> None:
+        """Called once before training (fit a tokenizer of latents, measure the longest CoT, ...). Default: nothing."""
+
+    def on_stage_start(self, stage: int, graphdef, params, records: Sequence[dict[str, Any]]) -> None:
+        """Called before an epoch whose first stage differs from the previous step's (LT-Tuning rebuilds its data
+        from the current model here). Default: nothing."""
+
+    def get_state(self) -> Any:
+        """JSON-able method state saved in every checkpoint (None: stateless, the default)."""
+        return None
+
+    def set_state(self, state: Any) -> None:
+        """Restore what `get_state` returned (on resume). Default: a stateless method accepts only None."""
+        if state is not None:
+            raise ValueError(f"method {self.name!r} keeps no state, but the checkpoint holds some: {str(state)[:80]}")
+
+    # ---- generation ---------------------------------------------------------------------------------------------
+    def generate(self, graphdef, params, prompts: Sequence[Prompt], sampling, eos_id: int, pad_id: int,
+                 batch_size: int | None = None) -> list[list[int]]:
+        """Decode a batch of prompts for evaluation (token lists, EOS included). Default: the shared latent
+        generation (`latent.generate_prompts`: prefix, thoughts fed back as hidden states, suffix, decode)."""
+        from latent_jax.latent import generate_prompts
+
+        return generate_prompts(graphdef, params, prompts, sampling, eos_id, pad_id, batch_size=batch_size)

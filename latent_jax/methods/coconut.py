@@ -12,7 +12,8 @@ import dataclasses
 import functools
 from typing import Any
 
-from latent_jax.methods.base import IGNORE, Example, Prompt, first_token_id
+from latent_jax.layout import IGNORE, Example, Prompt
+from latent_jax.methods.base import Method, first_token_id
 from latent_jax.tokenizer import Tokenizer
 
 BOT, EOT, LATENT, PAUSE = "<|start-latent|>", "<|end-latent|>", "<|latent|>", "<|pause|>"
@@ -61,7 +62,7 @@ def check_record(record: dict, index: int | None = None, source: str = "records"
         raise ValueError(f"{where}: 'steps' must be a list of strings")
 
 
-class Coconut:
+class Coconut(Method):
     """Coconut and its relatives behind the `Method` interface."""
 
     def __init__(self, tokenizer: Tokenizer, cfg: CoconutConfig = CoconutConfig()):
@@ -77,6 +78,25 @@ class Coconut:
     @property
     def uses_hidden_thoughts(self) -> bool:
         return self.cfg.variant in ("coconut", "no_curriculum") and self.cfg.c_thought > 0
+
+    @property
+    def thoughts_per_step(self) -> int:
+        return self.cfg.c_thought
+
+    @property
+    def max_latent_stage(self) -> int:
+        return self.cfg.max_latent_stage
+
+    def stage_note(self, stage: int) -> str | None:
+        """A stage past `max_latent_stage` (every written reasoning step removed) says so."""
+        c = self.cfg
+        m, k = c.max_latent_stage, c.c_thought
+        if c.variant in ("cot", "no_cot") or stage <= m:
+            return None
+        slots = f"{m * k} thought slots" if c.pad_latent_to_max else \
+            f"up to {m * k} thought slots (min(steps, {m}) x c_thought {k})"
+        return (f"stage {stage} = past max_latent_stage {m}: every written reasoning step removed, {slots}"
+                + (" of <pause>" if c.variant == "pause_as_thought" else ", none" if k == 0 else ""))
 
     def num_stages(self) -> int:
         return 1 if self.cfg.variant in ("cot", "no_cot", "no_curriculum") else self.cfg.max_latent_stage + 1

@@ -25,7 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from latent_jax.methods.base import IGNORE, Example, Prompt
+from latent_jax.layout import IGNORE, Example, Prompt
+from latent_jax.methods.base import Method
 from latent_jax.methods.coconut import check_record
 from latent_jax.tokenizer import Tokenizer
 
@@ -96,12 +97,11 @@ def offset_distribution(lam: float, max_offset: int) -> np.ndarray:
     return p / p.sum()
 
 
-class ICoTSI:
+class ICoTSI(Method):
     """Stepwise internalization behind the `Method` interface; stage = number of CoT tokens removed."""
 
     name = "icot_si"
     special_tokens: tuple[str, ...] = ()
-    uses_hidden_thoughts = False
 
     def __init__(self, tokenizer: Tokenizer, cfg: ICoTSIConfig = ICoTSIConfig()):
         self.tok, self.cfg = tokenizer, cfg

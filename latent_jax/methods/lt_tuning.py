@@ -22,8 +22,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from latent_jax.evaluate import layout_prompts
-from latent_jax.methods.base import IGNORE, Batch, Example, Prompt, collate, first_token_id, round_up
+from latent_jax.layout import IGNORE, Batch, Example, Prompt, collate, layout_prompts, round_up
+from latent_jax.methods.base import Method, first_token_id
 from latent_jax.methods.coconut import check_record
 from latent_jax.methods.lt_fusion import gold_probs, lt_generate_padded, lt_loss
 from latent_jax.models import get_config
@@ -116,7 +116,7 @@ def plan_record(probs: np.ndarray, stage: int, cfg: LTTuningConfig, key: str) ->
     return plan
 
 
-class LTTuning:
+class LTTuning(Method):
     name = "lt_tuning"
 
     def __init__(self, tokenizer: Tokenizer, cfg: LTTuningConfig = LTTuningConfig()):

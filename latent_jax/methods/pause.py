@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from latent_jax.methods.base import IGNORE, Example, Prompt, first_token_id
+from latent_jax.layout import IGNORE, Example, Prompt
+from latent_jax.methods.base import Method, first_token_id
 from latent_jax.methods.coconut import PAUSE, check_record
 from latent_jax.tokenizer import Tokenizer
 
@@ -42,14 +43,13 @@ def _record_key(record: dict[str, Any]) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
-class Pause:
+class Pause(Method):
     name = "pause"
 
     def __init__(self, tokenizer: Tokenizer, cfg: PauseConfig = PauseConfig()):
         self.tok, self.cfg = tokenizer, cfg
         self.special_tokens = (PAUSE,)
         self.pause_id = tokenizer.add_special_tokens([PAUSE])[0]
-        self.uses_hidden_thoughts = False
 
     def num_stages(self) -> int:
         return 1
@@ -83,9 +83,7 @@ class Pause:
         """With random_insert: a draw id from (seed, epoch, index) for `encode` (fresh pause positions every
         epoch). Else the pipeline default (Pause ignores the stage)."""
         if not self.cfg.random_insert:
-            from latent_jax.data.pipeline import example_stage
-
-            return example_stage(record, index, epoch, stage, seed, uniform_prob)
+            return super().example_stage(record, index, epoch, stage, seed, uniform_prob)
         return int(np.random.SeedSequence([seed, epoch, index, 0x9A05E]).generate_state(1)[0] >> 1)
 
     def prompt(self, record: dict[str, Any], stage: int) -> Prompt:

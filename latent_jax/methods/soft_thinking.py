@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from latent_jax.generate import SamplingConfig, decode_loop
-from latent_jax.methods.base import Example, Prompt
+from latent_jax.layout import Example, Prompt, layout_prompts
+from latent_jax.methods.base import Method
 from latent_jax.methods.coconut import Coconut, CoconutConfig
 from latent_jax.models import embed_tokens, forward, get_config, init_cache
 from latent_jax.tokenizer import Tokenizer
@@ -156,8 +157,6 @@ def soft_think_generate(graphdef, params, prompts: Sequence[Sequence[int]], cfg:
     """Soft thinking for token-id prompts. Returns {"outputs": per prompt the answer tokens (forced text
     prepended where it was fed, EOS included), "think_top1": top-1 token of each concept, "n_think",
     "reason" (names, see STOP_REASONS)}. `batch_size` pads with filler rows (one compile per batch size)."""
-    from latent_jax.evaluate import layout_prompts
-
     mcfg = get_config(graphdef, params)
     tokens, mask, _, _ = layout_prompts([Prompt(list(p)) for p in prompts], pad_id, bucket, batch_size)
     longest = max(len(p) for p in prompts)  # left padding takes cache slots, not positions
@@ -182,11 +181,10 @@ def soft_think_generate(graphdef, params, prompts: Sequence[Sequence[int]], cfg:
             "n_think": r["n_think"][:n].tolist(), "reason": [STOP_REASONS[int(x)] for x in r["reason"][:n]]}
 
 
-class SoftThinking:
+class SoftThinking(Method):
     """CoT layout for training; soft-thinking decoding for evaluation (the `generate` hook)."""
 
     name = "soft_thinking"
-    uses_hidden_thoughts = False
 
     def __init__(self, tokenizer: Tokenizer, cfg: SoftThinkingConfig = SoftThinkingConfig()):
         self.tok, self.cfg = tokenizer, cfg

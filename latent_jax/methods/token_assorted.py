@@ -25,7 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from latent_jax.methods.base import IGNORE, Example, Prompt, first_token_id
+from latent_jax.layout import IGNORE, Example, Prompt
+from latent_jax.methods.base import Method, first_token_id
 from latent_jax.methods.coconut import check_record
 from latent_jax.tokenizer import Tokenizer
 from latent_jax.vqvae import (CONFIG_FILE, VQVAE, ChunkData, VQVAEConfig, load_vqvae, save_vqvae,
@@ -68,9 +69,8 @@ class TokenAssortedConfig:
             object.__setattr__(self, "m_choices", tuple(sorted(set(mc))))
 
 
-class TokenAssorted:
+class TokenAssorted(Method):
     name = "token_assorted"
-    uses_hidden_thoughts = False
 
     def __init__(self, tokenizer: Tokenizer, cfg: TokenAssortedConfig = TokenAssortedConfig()):
         self.tok, self.cfg = tokenizer, cfg
