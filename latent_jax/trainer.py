@@ -5,8 +5,11 @@ each example uses that stage, or with probability `uniform_prob` a random one. O
 micro-batches; gradients are sums of per-token losses, divided by the step's total token count: identical to one
 big batch's mean token loss. Optimizer state is reset (fresh AdamW moments and count) when the stage changes
 (`reset_optimizer`; only for a method with a curriculum or a schedule), the learning-rate schedule follows the
-global step. Keep-best: the best evaluated epoch (ties: the later; only epochs the method's optional
-`eligible_for_best(stage)` accepts). Checkpoints: `latent_jax.checkpoint`.
+global step. Keep-best: the best evaluated epoch (ties: the later; only epochs the method's
+`eligible_for_best(stage)` accepts). Checkpoints: `latent_jax.checkpoint`. `train` runs three phases of a `_Loop`:
+`restore` (newest good checkpoint, kept-best params), then per epoch `epoch` (its optimizer steps through
+`train_step`, checkpoints) and `evaluate` (history entry, keep-best); a `_Progress` is what a checkpoint's metadata
+restores.
 """
 from __future__ import annotations
 
@@ -141,6 +144,191 @@ class TrainResult:
     wall_before: float = 0.0  # wall seconds of earlier processes of a resumed run (up to their last checkpoint)
 
 
+@dataclasses.dataclass
+class _Progress:
+    """Where a run stands, and its bookkeeping: what a checkpoint's metadata restores besides the arrays."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    micro: int = 0  # micro-batches of `epoch` done
+    history: list = dataclasses.field(default_factory=list)
+    best_acc: float | None = None
+    epoch_loss: float = 0.0
+    epoch_tokens: int = 0
+    last_stage: int | None = None
+    elapsed: float = 0.0  # train seconds of earlier processes of a resumed run
+    wall_before: float = 0.0  # their wall seconds
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "_Progress":
+        elapsed = meta.get("train_seconds", 0.0)
+        return cls(meta["step"], meta["epoch"], meta["micro"], meta["history"], meta["best_accuracy"],
+                   meta["epoch_loss"], meta["epoch_tokens"], meta.get("last_stage"), elapsed,
+                   meta.get("wall_seconds", elapsed))
+
+
+class _Loop:
+    """One `train` call: the run's fixed context, its arrays and its `_Progress`, and the three phases `train`
+    runs: `restore` (newest good checkpoint, kept-best params), `epoch` (its optimizer steps, with checkpoints),
+    `evaluate` (the epoch's eval, keep-best)."""
+
+    def __init__(self, method, records, graphdef, params, cfg: TrainConfig, eval_fn, on_step, wall_start):
+        self.method, self.records, self.graphdef, self.cfg = method, records, graphdef, cfg
+        self.eval_fn, self.on_step, self.wall_start = eval_fn, on_step, wall_start
+        self.model_cfg = get_config(graphdef, params)
+        self.max_len = cfg.max_len or self.model_cfg.max_positions
+        if self.max_len > self.model_cfg.max_positions:
+            raise ValueError(f"max_len {self.max_len} > the model's max_positions {self.model_cfg.max_positions}")
+        pc, self.main = jax.process_count(), jax.process_index() == 0
+        self.n_micro = micro_batches_per_epoch(len(records), cfg.batch_size)
+        self.steps_per_epoch = -(-self.n_micro // cfg.grad_accum)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.place = Placement(cfg.batch_size * pc, cfg.mesh)
+        self.tx, self.rng0 = make_optimizer(cfg.weight_decay, cfg.grad_clip), jax.random.PRNGKey(cfg.seed)
+        # "stage" resets only where the stage means something: a curriculum (num_stages > 1) or the method's own
+        # schedule (iCoT-SI removal counts); CoT / No-CoT / Pause keep their AdamW moments across epochs
+        self.staged = method.schedule(0, 0, self.steps_per_epoch) is not None or method.num_stages() > 1
+        self.params = self.place.tree(params)
+        self.opt_state = self.place.tree(self.tx.init(self.params))
+        self.acc = self.place.tree(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), self.params))
+        self.trajectory = {k: v for k, v in cfg.to_dict().items()
+                           if k not in RESUMABLE and not (k == "epochs" and cfg.schedule == "constant")}
+        self.trajectory.update(method=method.name, n_records=len(records), data=fingerprint(records),
+                               process_count=pc)
+        if dataclasses.is_dataclass(method.cfg):  # c_thought, max_latent_stage, ...: the run's identity
+            self.trajectory["method_config"] = dataclasses.asdict(method.cfg)
+        self.progress, self.best_params, self.restored = _Progress(), None, None
+        self.ckpt = self.best_ckpt = None
+        self.t_start = time.perf_counter()
+
+    def stage_at(self, epoch: int, micro: int) -> int:
+        """The stage of micro-batch `micro` of `epoch`: the method's schedule, else the trainer's curriculum."""
+        s = self.method.schedule(epoch, micro // self.cfg.grad_accum, self.steps_per_epoch)
+        return self.cfg.stage(epoch) if s is None else s
+
+    # ---- restore ------------------------------------------------------------------------------------------------
+    def restore(self, resume: bool) -> None:
+        """Continue from the newest good checkpoint (a different run is refused), then the kept-best params."""
+        ckpt, best_ckpt = self.ckpt, self.best_ckpt
+        self.restored = ckpt.latest_step() if ckpt else None
+        if self.restored is not None:
+            if not resume:
+                raise ValueError(f"{ckpt.directory} holds checkpoints (latest step {self.restored}); pass"
+                                 " resume=True to continue that run or use another output_dir")
+
+            def check(meta, s):  # a different run is refused, never skipped as "corrupt"
+                check_compatible(meta, self.model_cfg.to_dict(),
+                                 comparable_trajectory(self.trajectory, meta.get("train_config", {})),
+                                 ckpt.directory / str(s))
+
+            self.restored, meta, self.params, self.opt_state = ckpt.restore_good(
+                abstract_like(self.params), abstract_like(self.opt_state), check_meta=check)
+            for s in ckpt.all_steps():  # corrupt steps newer than the one resumed are re-run (and re-saved)
+                if s > self.restored:
+                    ckpt.delete(s)
+            self.progress = _Progress.from_meta(meta)
+            if meta.get("method_state") is not None:
+                self.method.set_state(meta["method_state"])
+        if best_ckpt is not None:
+            for s in best_ckpt.all_steps():  # a "best" newer than the resumed step will be recomputed
+                if s > self.progress.step or self.restored is None:
+                    best_ckpt.delete(s)
+            if self.progress.best_acc is not None:
+                try:
+                    self.best_params = best_ckpt.restore_good(abstract_like(self.params))[2]
+                except (CheckpointError, FileNotFoundError) as e:  # keep-best restarts from the next evaluation
+                    log.warning("the kept-best params cannot be restored (%s); keep-best starts again", e)
+                    self.progress.best_acc = None
+
+    def save(self, data_iter) -> None:
+        p, now = self.progress, time.perf_counter()
+        meta = dict(step=p.step, epoch=p.epoch, micro=p.micro, stage=self.stage_at(p.epoch, p.micro),
+                    last_stage=p.last_stage, method_state=self.method.get_state(), history=p.history,
+                    best_accuracy=p.best_acc, epoch_loss=p.epoch_loss, epoch_tokens=p.epoch_tokens,
+                    seed=self.cfg.seed, train_seconds=p.elapsed + now - self.t_start,
+                    wall_seconds=p.wall_before + now - self.wall_start, model_config=self.model_cfg.to_dict(),
+                    train_config=self.trajectory, train_config_full=self.cfg.to_dict())
+        self.ckpt.save(p.step, self.params, meta, self.opt_state, data_iter)
+
+    # ---- one epoch ----------------------------------------------------------------------------------------------
+    def epoch(self, metrics: MetricsLog, bar) -> int:
+        """The rest of the current epoch's optimizer steps (from mid-epoch after a resume). Returns its last stage."""
+        cfg, p, method, place = self.cfg, self.progress, self.method, self.place
+        if p.micro == 0 and self.stage_at(p.epoch, 0) != p.last_stage:  # e.g. LT-Tuning rebuilds its data
+            method.on_stage_start(self.stage_at(p.epoch, 0), self.graphdef, self.params, self.records)
+        it = epoch_iterator(epoch_dataset(method, self.records, epoch=p.epoch, stage=cfg.stage(p.epoch),
+                                          seed=cfg.seed, batch_size=cfg.batch_size, uniform_prob=cfg.uniform_prob,
+                                          bucket=cfg.bucket, max_len=self.max_len,
+                                          stage_fn=lambda m, e=p.epoch: self.stage_at(e, m),
+                                          length_groups=cfg.length_groups, fixed_shapes=cfg.fixed_shapes))
+        if self.restored is not None:  # first epoch after a resume: the iterator continues mid-epoch
+            if p.micro:
+                self.ckpt.restore_iterator(self.restored, it)
+            self.restored = None
+        if p.micro == 0 and p.epoch > 0 and cfg.reset_optimizer == "epoch":
+            self.opt_state = place.tree(self.tx.init(self.params))
+        stage = p.last_stage
+        while p.micro < self.n_micro:
+            t0, stage = time.perf_counter(), self.stage_at(p.epoch, p.micro)
+            if self.staged and p.last_stage is not None and stage != p.last_stage and cfg.reset_optimizer == "stage":
+                self.opt_state = place.tree(self.tx.init(self.params))  # the stage (curriculum / count) changed
+            p.last_stage = stage
+            state = TrainState(self.params, self.opt_state, self.acc, jnp.int32(p.step),
+                               jax.random.fold_in(self.rng0, p.step), self.graphdef, cfg.lr, cfg.weight_decay,
+                               cfg.grad_clip)
+            k = min(cfg.grad_accum, self.n_micro - p.micro)  # micro-batches collated lazily (overlaps dispatch)
+            lr = cfg.lr_at(p.step, self.total_steps)
+            state, m = train_step(state, (same_layout_across_hosts(next(it)) for _ in range(k)), lr=lr,
+                                  loss=method.loss_for_stage(stage), normalization=cfg.loss_normalization,
+                                  mesh=place.mesh, remat=cfg.remat, place=place.batch)
+            self.params, self.opt_state, self.acc, p.micro = state.params, state.opt_state, state.grad_acc, p.micro + k
+            loss_sum, n_tok, loss = m["loss_sum"], m["n_tokens"], m["loss"]
+            if not math.isfinite(loss):  # a non-finite gradient left params and optimizer state unchanged
+                _fail(self.ckpt, f"loss is {loss}", p.step, p.epoch, stage)
+            if not math.isfinite(m["grad_norm"]):
+                _fail(self.ckpt, f"gradient norm is {m['grad_norm']}", p.step, p.epoch, stage)
+            p.step, p.epoch_loss, p.epoch_tokens = p.step + 1, p.epoch_loss + loss_sum, p.epoch_tokens + n_tok
+            dt = time.perf_counter() - t0
+            rec = dict(step=p.step, epoch=p.epoch, stage=stage, loss=loss, tokens=n_tok,
+                       tok_per_s=m["n_input"] / dt, lr=lr, grad_norm=m["grad_norm"])
+            metrics.write(rec)
+            bar.update(1)
+            if p.step % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tok_per_s']:.0f}", stage=stage)
+                if self.main and not cfg.progress:
+                    log.info("step %d epoch %d stage %d loss %.4f tok/s %.0f", *list(rec.values())[:4],
+                             rec["tok_per_s"])
+            if (self.ckpt and p.micro < self.n_micro and cfg.checkpoint_every_steps
+                    and p.step % cfg.checkpoint_every_steps == 0):
+                self.save(it)
+            if self.on_step is not None:
+                self.on_step(rec)
+        it.close()
+        return stage
+
+    # ---- evaluate and keep the best -----------------------------------------------------------------------------
+    def evaluate(self, stage: int, metrics: MetricsLog) -> dict[str, Any]:
+        """The epoch's history entry, with the eval's scalars when it evaluates; keeps the best params."""
+        cfg, p = self.cfg, self.progress
+        entry = dict(epoch=p.epoch, stage=stage, step=p.step, train_loss=p.epoch_loss / max(p.epoch_tokens, 1),
+                     train_seconds=p.elapsed + time.perf_counter() - self.t_start)  # cumulative, across resumes
+        if self.eval_fn is None or not (cfg.eval_every_epoch or p.epoch == cfg.epochs - 1):
+            return entry
+        result = self.eval_fn(self.graphdef, self.params, stage)
+        if "accuracy" not in result:
+            raise ValueError(f"eval_fn must return a dict with 'accuracy', got keys {sorted(result)}")
+        scalars = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        entry.update(scalars)
+        metrics.write(dict(step=p.step, epoch=p.epoch, stage=stage, eval=scalars))
+        # ties go to the later epoch: more training, and for a schedule such as iCoT-SI's the model that has
+        # internalized more (an all-zero run must not report its epoch-0, CoT-writing model)
+        if self.method.eligible_for_best(stage) and (p.best_acc is None or result["accuracy"] >= p.best_acc):
+            p.best_acc, self.best_params = float(result["accuracy"]), jax.tree.map(jnp.copy, self.params)
+            if self.best_ckpt is not None:
+                self.best_ckpt.save(p.step, self.best_params, dict(step=p.step, epoch=p.epoch, accuracy=p.best_acc))
+        return entry
+
+
 def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg: TrainConfig,
           eval_fn: Callable[[Any, Any, int], dict[str, Any]] | None = None, resume: bool = True,
           on_step: Callable[[dict[str, Any]], None] | None = None, wall_start: float | None = None) -> TrainResult:
@@ -152,165 +340,37 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
     (a `time.perf_counter()` value, default: now) starts this process's share of the run's cumulative
     `wall_seconds` (kept in the checkpoints, so a resumed run counts its earlier processes too)."""
     wall_start = time.perf_counter() if wall_start is None else wall_start
-    model_cfg = get_config(graphdef, params)
-    max_len = cfg.max_len or model_cfg.max_positions
-    if max_len > model_cfg.max_positions:
-        raise ValueError(f"max_len {max_len} > the model's max_positions {model_cfg.max_positions}")
-    pc, main = jax.process_count(), jax.process_index() == 0
-    n_micro = micro_batches_per_epoch(len(train_records), cfg.batch_size)
-    total_steps = cfg.epochs * -(-n_micro // cfg.grad_accum)
-    steps_per_epoch = -(-n_micro // cfg.grad_accum)
-    place = Placement(cfg.batch_size * pc, cfg.mesh)
-    tx, rng0 = make_optimizer(cfg.weight_decay, cfg.grad_clip), jax.random.PRNGKey(cfg.seed)
-    # "stage" resets only where the stage means something: a curriculum (num_stages > 1) or the method's own
-    # schedule (iCoT-SI removal counts); CoT / No-CoT / Pause keep their AdamW moments across epochs
-    own_schedule = method.schedule(0, 0, steps_per_epoch) is not None
-    staged = own_schedule or method.num_stages() > 1
-
-    def stage_at(epoch: int, micro: int) -> int:  # the stage of micro-batch `micro` of `epoch`
-        s = method.schedule(epoch, micro // cfg.grad_accum, steps_per_epoch)
-        return cfg.stage(epoch) if s is None else s
-
-    params = place.tree(params)
-    opt_state = place.tree(tx.init(params))
-    acc = place.tree(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-    trajectory = {k: v for k, v in cfg.to_dict().items()
-                  if k not in RESUMABLE and not (k == "epochs" and cfg.schedule == "constant")}
-    trajectory.update(method=method.name, n_records=len(train_records),
-                      data=fingerprint(train_records), process_count=pc)
-    if dataclasses.is_dataclass(method.cfg):  # c_thought, max_latent_stage, ...: the run's identity
-        trajectory["method_config"] = dataclasses.asdict(method.cfg)
+    loop = _Loop(method, train_records, graphdef, params, cfg, eval_fn, on_step, wall_start)
     out = cfg.output_dir
-    lock = RunLock(out, "training run").acquire() if out and main else None  # before anything is written there
+    lock = RunLock(out, "training run").acquire() if out and loop.main else None  # before anything is written
     try:
-        ckpt = Checkpointer(f"{out}/checkpoints", cfg.keep_checkpoints) if out else None
-        best_ckpt = Checkpointer(f"{out}/best", 1) if out and eval_fn is not None else None
+        loop.ckpt = Checkpointer(f"{out}/checkpoints", cfg.keep_checkpoints) if out else None
+        loop.best_ckpt = Checkpointer(f"{out}/best", 1) if out and eval_fn is not None else None
     except BaseException:
         if lock is not None:
             lock.release()
         raise
-    bar = tqdm(total=total_steps, disable=not (main and cfg.progress), desc="train", dynamic_ncols=True)
+    bar = tqdm(total=loop.total_steps, disable=not (loop.main and cfg.progress), desc="train", dynamic_ncols=True)
     try:  # from here on, pending checkpoints are committed and closed whatever happens
-        step, epoch, micro, history, elapsed, t_start = 0, 0, 0, [], 0.0, time.perf_counter()
-        best_acc, best_params, epoch_loss, epoch_tokens, last_stage = None, None, 0.0, 0, None
-        restored, wall_before = (ckpt.latest_step() if ckpt else None), 0.0
-        if restored is not None:
-            if not resume:
-                raise ValueError(f"{ckpt.directory} holds checkpoints (latest step {restored}); pass resume=True to"
-                                 " continue that run or use another output_dir")
-
-            def check(meta, s):  # a different run is refused, never skipped as "corrupt"
-                check_compatible(meta, model_cfg.to_dict(),
-                                 comparable_trajectory(trajectory, meta.get("train_config", {})), ckpt.directory / str(s))
-
-            restored, meta, params, opt_state = ckpt.restore_good(abstract_like(params), abstract_like(opt_state),
-                                                                  check_meta=check)
-            for s in ckpt.all_steps():  # corrupt steps newer than the one resumed are re-run (and re-saved)
-                if s > restored:
-                    ckpt.delete(s)
-            step, epoch, micro, history = meta["step"], meta["epoch"], meta["micro"], meta["history"]
-            best_acc, epoch_loss, epoch_tokens = meta["best_accuracy"], meta["epoch_loss"], meta["epoch_tokens"]
-            last_stage, elapsed = meta.get("last_stage"), meta.get("train_seconds", 0.0)
-            wall_before = meta.get("wall_seconds", elapsed)
-            if meta.get("method_state") is not None:
-                method.set_state(meta["method_state"])
-        if best_ckpt is not None:
-            for s in best_ckpt.all_steps():  # a "best" newer than the resumed step will be recomputed
-                if s > step or restored is None:
-                    best_ckpt.delete(s)
-            if best_acc is not None:
-                try:
-                    best_params = best_ckpt.restore_good(abstract_like(params))[2]
-                except (CheckpointError, FileNotFoundError) as e:  # keep-best restarts from the next evaluation
-                    log.warning("the kept-best params cannot be restored (%s); keep-best starts again", e)
-                    best_acc = None
-        metrics = MetricsLog(cfg.output_dir, step)
-        bar.update(step)
-
-        def save(data_iter) -> None:
-            meta = dict(step=step, epoch=epoch, micro=micro, stage=stage_at(epoch, micro), last_stage=last_stage,
-                        method_state=method.get_state(), history=history,
-                        best_accuracy=best_acc, epoch_loss=epoch_loss, epoch_tokens=epoch_tokens, seed=cfg.seed,
-                        train_seconds=elapsed + time.perf_counter() - t_start,
-                        wall_seconds=wall_before + time.perf_counter() - wall_start,
-                        model_config=model_cfg.to_dict(), train_config=trajectory, train_config_full=cfg.to_dict())
-            ckpt.save(step, params, meta, opt_state, data_iter)
-
-        while epoch < cfg.epochs:
-            if micro == 0 and stage_at(epoch, 0) != last_stage:
-                method.on_stage_start(stage_at(epoch, 0), graphdef, params, train_records)  # e.g. rebuild data
-            it = epoch_iterator(epoch_dataset(method, train_records, epoch=epoch, stage=cfg.stage(epoch),
-                                              seed=cfg.seed, batch_size=cfg.batch_size,
-                                              uniform_prob=cfg.uniform_prob, bucket=cfg.bucket, max_len=max_len,
-                                              stage_fn=lambda m, e=epoch: stage_at(e, m),
-                                              length_groups=cfg.length_groups, fixed_shapes=cfg.fixed_shapes))
-            if restored is not None:  # first epoch after a resume: the iterator continues mid-epoch
-                if micro:
-                    ckpt.restore_iterator(restored, it)
-                restored = None
-            if micro == 0 and epoch > 0 and cfg.reset_optimizer == "epoch":
-                opt_state = place.tree(tx.init(params))
-            while micro < n_micro:
-                t0, stage = time.perf_counter(), stage_at(epoch, micro)
-                if staged and last_stage is not None and stage != last_stage and cfg.reset_optimizer == "stage":
-                    opt_state = place.tree(tx.init(params))  # the stage (curriculum / removal count) changed
-                last_stage = stage
-                state = TrainState(params, opt_state, acc, jnp.int32(step), jax.random.fold_in(rng0, step), graphdef,
-                                   cfg.lr, cfg.weight_decay, cfg.grad_clip)
-                k = min(cfg.grad_accum, n_micro - micro)  # micro-batches collated lazily (overlaps the dispatch)
-                lr = cfg.lr_at(step, total_steps)
-                state, m = train_step(state, (same_layout_across_hosts(next(it)) for _ in range(k)), lr=lr,
-                                      loss=method.loss_for_stage(stage), normalization=cfg.loss_normalization, mesh=place.mesh,
-                                      remat=cfg.remat, place=place.batch)
-                params, opt_state, acc, micro = state.params, state.opt_state, state.grad_acc, micro + k
-                loss_sum, n_tok, loss = m["loss_sum"], m["n_tokens"], m["loss"]
-                if not math.isfinite(loss):  # a non-finite gradient left params and optimizer state unchanged
-                    _fail(ckpt, f"loss is {loss}", step, epoch, stage)
-                if not math.isfinite(m["grad_norm"]):
-                    _fail(ckpt, f"gradient norm is {m['grad_norm']}", step, epoch, stage)
-                step, epoch_loss, epoch_tokens = step + 1, epoch_loss + loss_sum, epoch_tokens + n_tok
-                dt = time.perf_counter() - t0
-                rec = dict(step=step, epoch=epoch, stage=stage, loss=loss, tokens=n_tok, tok_per_s=m["n_input"] / dt,
-                           lr=lr, grad_norm=m["grad_norm"])
-                metrics.write(rec)
-                bar.update(1)
-                if step % cfg.log_every == 0:
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tok_per_s']:.0f}", stage=stage)
-                    if main and not cfg.progress:
-                        log.info("step %d epoch %d stage %d loss %.4f tok/s %.0f", *list(rec.values())[:4],
-                                 rec["tok_per_s"])
-                if ckpt and micro < n_micro and cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
-                    save(it)
-                if on_step is not None:
-                    on_step(rec)
-            entry = dict(epoch=epoch, stage=stage, step=step, train_loss=epoch_loss / max(epoch_tokens, 1),
-                         train_seconds=elapsed + time.perf_counter() - t_start)  # cumulative, across resumes
-            if eval_fn is not None and (cfg.eval_every_epoch or epoch == cfg.epochs - 1):
-                result = eval_fn(graphdef, params, stage)
-                if "accuracy" not in result:
-                    raise ValueError(f"eval_fn must return a dict with 'accuracy', got keys {sorted(result)}")
-                scalars = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                entry.update(scalars)
-                metrics.write(dict(step=step, epoch=epoch, stage=stage, eval=scalars))
-                # ties go to the later epoch: more training, and for a schedule such as iCoT-SI's the model that
-                # has internalized more (an all-zero run must not report its epoch-0, CoT-writing model)
-                if method.eligible_for_best(stage) and (best_acc is None or result["accuracy"] >= best_acc):
-                    best_acc, best_params = float(result["accuracy"]), jax.tree.map(jnp.copy, params)
-                    if best_ckpt is not None:
-                        best_ckpt.save(step, best_params, dict(step=step, epoch=epoch, accuracy=best_acc))
-            history.append(entry)
-            it.close()
-            epoch, micro, epoch_loss, epoch_tokens = epoch + 1, 0, 0.0, 0
-            if ckpt:
-                save(None)
+        loop.restore(resume)
+        p = loop.progress
+        metrics = MetricsLog(cfg.output_dir, p.step)
+        bar.update(p.step)
+        while p.epoch < cfg.epochs:
+            stage = loop.epoch(metrics, bar)
+            p.history.append(loop.evaluate(stage, metrics))
+            p.epoch, p.micro, p.epoch_loss, p.epoch_tokens = p.epoch + 1, 0, 0.0, 0
+            if loop.ckpt:
+                loop.save(None)
     finally:
         bar.close()
-        for c in (ckpt, best_ckpt):
+        for c in (loop.ckpt, loop.best_ckpt):
             if c is not None:
                 c.close()
         if lock is not None:
             lock.release()
-    return TrainResult(params, best_params, best_acc, history, step, opt_state, wall_before)
+    return TrainResult(loop.params, loop.best_params, p.best_acc, p.history, p.step, loop.opt_state,
+                       p.wall_before)
 
 
 def comparable_trajectory(trajectory: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
