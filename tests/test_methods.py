@@ -73,7 +73,7 @@ def test_bad_method_input():
         method("coconutt")
     with pytest.raises(ValueError, match="unknown option.*c_thougth.*valid"):
         method("coconut", c_thougth=1)
-    with pytest.raises(ValueError, match="missing 'steps'"):
+    with pytest.raises(ValueError, match="record .* is missing steps"):
         method("coconut").encode({"question": "q", "answer": "a"}, 0)
 
 
@@ -186,7 +186,8 @@ def test_stage_layout_matches_the_reference_on_every_real_record_and_stage(share
     ids = (mth.ids[BOT], mth.ids[LATENT], mth.ids[EOT])
     short = 0
     for r in records:
-        q, steps, a = mth._tokenize(r["question"], tuple(r["steps"]), r["answer"])
+        t = mth.record_tokens(r)
+        q, steps, a = t.question, t.steps, t.answer
         short += len(steps) < m
         for stage in range(m + 2):
             tokens, labels, prompt = _reference_layout(q, steps, a, stage, m, c, pad, ids)
@@ -201,3 +202,16 @@ def test_stage_layout_matches_the_reference_on_every_real_record_and_stage(share
     capped = method("coconut", c_thought=c, max_latent_stage=m, pad_latent_to_max=pad, stage_layout="capped")
     r = next(r for r in records if len(r["steps"]) < m)
     assert capped.encode(r, m).n_latent == len(r["steps"]) * c < mth.encode(r, m).n_latent == m * c
+
+
+def test_methods_share_one_record_encoding():
+    """Coconut's CoT layout, LT-Tuning's, Token Assorted's and Pause's question all come from
+    `Method.record_tokens` (question + newline, each step + newline, "### answer" + EOS)."""
+    tok = load_tokenizer("gpt2")
+    t = method("cot").record_tokens(REC)
+    assert t.question == tok.encode(REC["question"] + "\n") and t.steps == [tok.encode(s + "\n") for s in REC["steps"]]
+    assert t.answer == tok.encode("### " + REC["answer"]) + [tok.eos_id] and t.cot == sum(t.steps, [])
+    assert method("cot").encode(REC, 0).tokens == t.question + t.cot + t.answer
+    lt, ta, pause = method("lt_tuning"), method("token_assorted"), method("pause", n_pause=2)
+    assert lt._parts(REC) == (t.question, t.cot + t.answer) and ta._parts(REC) == (t.question, t.cot, t.answer)
+    assert pause.prompt(REC, 0).prefix == t.question + [pause.pause_id] * 2

@@ -16,10 +16,13 @@ See docs/adding_a_method.md for a complete one-file method.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from latent_jax.data.records import validate_record
 from latent_jax.layout import IGNORE, Batch, Example, Prompt, collate, round_up  # noqa: F401 (re-exported)
 
 
@@ -29,6 +32,26 @@ def first_token_id(tok, text: str, what: str = "init_token") -> int:
     if not ids:
         raise ValueError(f"{what} {text!r} encodes to no token")
     return ids[0]
+
+
+def check_record(record: Any, index: int | None = None, source: str | None = None) -> None:
+    """A record a method can encode: question (str), steps (list of str), answer (str); else a `DataFormatError`
+    (a ValueError) naming the source and index (`data.records.validate_record`)."""
+    validate_record(record, "?" if index is None else index, source)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordTokens:
+    """A record tokenized the way every reference lays it out (shared, cached: do not mutate the lists)."""
+
+    question: list[int]  # question + "\n" (BOS first for Llama 3)
+    steps: list[list[int]]  # each reasoning step + "\n"
+    answer: list[int]  # "### " + answer, then EOS
+
+    @property
+    def cot(self) -> list[int]:
+        """Every step's tokens, concatenated."""
+        return [t for s in self.steps for t in s]
 
 
 def uniform_example_stage(record: dict[str, Any], index: int, epoch: int, stage: int, seed: int,
@@ -76,6 +99,12 @@ class Method:
     def prompt(self, record: dict[str, Any], stage: int) -> Prompt:
         """The generation prompt of a record for evaluation at `stage`."""
         raise NotImplementedError(f"{type(self).__name__}.prompt")
+
+    def record_tokens(self, record: dict[str, Any]) -> RecordTokens:
+        """The record's question, steps and answer as token ids (checked, then cached per text): the encoding
+        Coconut, LT-Tuning, Token Assorted and Pause share."""
+        check_record(record)
+        return _record_tokens(self.tok, record["question"], tuple(record["steps"]), record["answer"])
 
     # ---- curriculum ---------------------------------------------------------------------------------------------
     def num_stages(self) -> int:
@@ -149,3 +178,9 @@ class Method:
         from latent_jax.latent import generate_prompts
 
         return generate_prompts(graphdef, params, prompts, sampling, eos_id, pad_id, batch_size=batch_size)
+
+
+@functools.lru_cache(maxsize=100_000)
+def _record_tokens(tok, question: str, steps: tuple[str, ...], answer: str) -> RecordTokens:
+    q = tok.encode(question + "\n", add_bos=tok.name == "llama3")
+    return RecordTokens(q, [tok.encode(s + "\n") for s in steps], tok.encode("### " + answer) + [tok.eos_id])

@@ -9,7 +9,6 @@ with n = min(k, #steps) latent steps; beyond max_latent_stage all steps are remo
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 from latent_jax.layout import IGNORE, Example, Prompt
@@ -53,15 +52,6 @@ class CoconutConfig:
             object.__setattr__(self, "c_thought", 0)
 
 
-def check_record(record: dict, index: int | None = None, source: str = "records") -> None:
-    where = f"{source} record {index}" if index is not None else source
-    for key in ("question", "steps", "answer"):
-        if key not in record:
-            raise ValueError(f"{where}: missing {key!r} (a record needs question, steps, answer)")
-    if not isinstance(record["steps"], list):
-        raise ValueError(f"{where}: 'steps' must be a list of strings")
-
-
 class Coconut(Method):
     """Coconut and its relatives behind the `Method` interface."""
 
@@ -101,13 +91,6 @@ class Coconut(Method):
     def num_stages(self) -> int:
         return 1 if self.cfg.variant in ("cot", "no_cot", "no_curriculum") else self.cfg.max_latent_stage + 1
 
-    @functools.lru_cache(maxsize=None)
-    def _tokenize(self, question: str, steps: tuple[str, ...], answer: str):
-        q = self.tok.encode(question + "\n", add_bos=self.tok.name == "llama3")
-        s = [self.tok.encode(x + "\n") for x in steps]
-        a = self.tok.encode("### " + answer) + [self.eos_id]
-        return q, s, a
-
     def _stage_layout(self, n_steps: int, stage: int, prompt: bool = False) -> tuple[int, int]:
         """(steps removed, latent slots) at `stage`: of a training example, or of the evaluation prompt."""
         cfg = self.cfg
@@ -126,8 +109,8 @@ class Coconut(Method):
         return n_skip, stage * cfg.c_thought  # reference: k slots whatever the record's step count
 
     def encode(self, record: dict[str, Any], stage: int) -> Example:
-        check_record(record)
-        q, steps, a = self._tokenize(record["question"], tuple(record["steps"]), record["answer"])
+        t = self.record_tokens(record)
+        q, steps, a = t.question, t.steps, t.answer
         n_skip, n_lat = self._stage_layout(len(steps), stage)
         rest = [t for s in steps[n_skip:] for t in s] + a
         if not self.special_tokens:
@@ -139,8 +122,8 @@ class Coconut(Method):
         return Example(tokens, labels, latent_start=len(q) + 1, n_latent=n_lat if hidden else 0)
 
     def prompt(self, record: dict[str, Any], stage: int) -> Prompt:
-        check_record(record)
-        q, steps, _ = self._tokenize(record["question"], tuple(record["steps"]), record["answer"])
+        t = self.record_tokens(record)
+        q, steps = t.question, t.steps
         if not self.special_tokens:
             return Prompt(q)
         _, n_lat = self._stage_layout(len(steps), max(stage, 0), prompt=True)

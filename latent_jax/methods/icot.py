@@ -26,8 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from latent_jax.layout import IGNORE, Example, Prompt
-from latent_jax.methods.base import Method
-from latent_jax.methods.coconut import check_record
+from latent_jax.methods.base import Method, check_record
 from latent_jax.tokenizer import Tokenizer
 
 REMOVE_ALL = 1 << 30  # a per-example removal count that removes every CoT token

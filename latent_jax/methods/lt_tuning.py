@@ -24,7 +24,6 @@ import numpy as np
 
 from latent_jax.layout import IGNORE, Batch, Example, Prompt, collate, layout_prompts, round_up
 from latent_jax.methods.base import Method, first_token_id
-from latent_jax.methods.coconut import check_record
 from latent_jax.methods.lt_fusion import gold_probs, lt_generate_padded, lt_loss
 from latent_jax.models import get_config
 from latent_jax.tokenizer import Tokenizer
@@ -135,15 +134,10 @@ class LTTuning(Method):
     def example_stage(self, record, index, epoch, stage, seed, uniform_prob) -> int:
         return stage  # no per-example stage mixing: the plan exists for the current stage only
 
-    @functools.lru_cache(maxsize=None)
-    def _tokenize(self, question: str, steps: tuple[str, ...], answer: str) -> tuple[list[int], list[int]]:
-        q = self.tok.encode(question + "\n", add_bos=self.tok.name == "llama3")
-        rest = [t for s in steps for t in self.tok.encode(s + "\n")] + self.tok.encode("### " + answer)
-        return q, rest + [self.tok.eos_id]
-
-    def _parts(self, record):
-        check_record(record)
-        return self._tokenize(record["question"], tuple(record["steps"]), record["answer"])
+    def _parts(self, record) -> tuple[list[int], list[int]]:
+        """(question, CoT + answer) token lists (`Method.record_tokens`)."""
+        t = self.record_tokens(record)
+        return t.question, t.cot + t.answer
 
     def encode(self, record: dict[str, Any], stage: int) -> Example:
         q, rest = self._parts(record)

@@ -20,7 +20,7 @@ import numpy as np
 
 from latent_jax.layout import IGNORE, Example, Prompt
 from latent_jax.methods.base import Method, first_token_id
-from latent_jax.methods.coconut import PAUSE, check_record
+from latent_jax.methods.coconut import PAUSE
 from latent_jax.tokenizer import Tokenizer
 
 
@@ -55,9 +55,7 @@ class Pause(Method):
         return 1
 
     def _prefix(self, record: dict[str, Any]) -> list[int]:
-        check_record(record)
-        q = self.tok.encode(record["question"] + "\n", add_bos=self.tok.name == "llama3")
-        return q + [self.pause_id] * self.cfg.n_pause
+        return self.record_tokens(record).question + [self.pause_id] * self.cfg.n_pause
 
     def insert_gaps(self, record: dict[str, Any], stage: int, n_target: int) -> np.ndarray:
         """Sorted gaps g in [1, n_target): a <pause> goes right before target token g (one per draw)."""
@@ -66,7 +64,7 @@ class Pause(Method):
 
     def encode(self, record: dict[str, Any], stage: int) -> Example:
         prefix = self._prefix(record)
-        a = self.tok.encode("### " + record["answer"]) + [self.tok.eos_id]
+        a = list(self.record_tokens(record).answer)
         labels = list(a)
         if self.cfg.random_insert:
             gaps = self.insert_gaps(record, stage, len(a))

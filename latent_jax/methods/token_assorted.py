@@ -17,7 +17,6 @@ CoTs and saves it to `{output_dir}/vqvae`, then caches every record's codes (key
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import logging
 import pathlib
@@ -27,7 +26,6 @@ import numpy as np
 
 from latent_jax.layout import IGNORE, Example, Prompt
 from latent_jax.methods.base import Method, first_token_id
-from latent_jax.methods.coconut import check_record
 from latent_jax.tokenizer import Tokenizer
 from latent_jax.vqvae import (CONFIG_FILE, VQVAE, ChunkData, VQVAEConfig, load_vqvae, save_vqvae,
                               tokenizer_fingerprint, train_vqvae)
@@ -88,16 +86,10 @@ class TokenAssorted(Method):
     def schedule(self, epoch: int, step: int, steps_per_epoch: int) -> int:
         return 0  # one stage: the optimizer is never reset
 
-    @functools.lru_cache(maxsize=None)
-    def _tokenize(self, question: str, steps: tuple[str, ...], answer: str):
-        q = self.tok.encode(question + "\n", add_bos=self.tok.name == "llama3")
-        cot = [t for s in steps for t in self.tok.encode(s + "\n")]
-        a = self.tok.encode("### " + answer) + [self.tok.eos_id]
-        return q, cot, a
-
     def _parts(self, record: dict[str, Any]):
-        check_record(record)
-        return self._tokenize(record["question"], tuple(record["steps"]), record["answer"])
+        """(question, CoT, answer) token lists (`Method.record_tokens`)."""
+        t = self.record_tokens(record)
+        return t.question, t.cot, t.answer
 
     def allowed_chunks(self, record: dict[str, Any]) -> list[int]:
         """Numbers k of leading chunks that may be replaced (m = k·L <= CoT length, m in m_choices if set)."""
