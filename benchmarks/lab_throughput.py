@@ -49,10 +49,10 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    from latent_jax.data.pipeline import epoch_dataset, epoch_iterator
+    from latent_jax.train.pipeline import epoch_dataset, epoch_iterator
     from latent_jax.experiment import _records_and_build, load_config
     from latent_jax.methods.base import collate
-    from latent_jax.trainer import TrainConfig, make_steps, train
+    from latent_jax.train.trainer import TrainConfig, make_steps, train
 
     cfg = load_config(args.config, list(args.overrides) + ["compare=null"])
     if load_config(args.config)["compare"]:

@@ -14,7 +14,7 @@ from latent_jax.data import generate_prosqa, symbolic_records, symbolic_vocab
 from latent_jax.methods import build_method, collate
 from latent_jax.models import init_model, forward
 from latent_jax.testing import tiny_config
-from latent_jax.train_step import TrainState, train_step
+from latent_jax.train.step import TrainState, train_step
 from latent_jax.word_tokenizer import WordTokenizer
 
 rung = sys.argv[1]; B = int(sys.argv[2]); lr = float(sys.argv[3]); steps = int(sys.argv[4])

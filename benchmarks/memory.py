@@ -55,11 +55,11 @@ def measure(name, mesh_shape, remat, args):
 
     from jax._src.ad_checkpoint import saved_residuals  # jax.ad_checkpoint.print_saved_residuals' counterpart
 
-    from latent_jax.checkpoint import abstract_like
+    from latent_jax.train.checkpoint import abstract_like
     from latent_jax.latent import loss_fn
     from latent_jax.models import abstract_model
     from latent_jax.sharding import MeshConfig, batch_sharding, make_mesh, tree_shardings
-    from latent_jax.trainer import make_optimizer
+    from latent_jax.train.trainer import make_optimizer
 
     cfg = model_config(name, remat, args.dtype)
     d, f, t = mesh_shape

@@ -28,7 +28,7 @@ from latent_jax.config import gpt2_config, llama_config
 from latent_jax.generate import SamplingConfig, generate_padded
 from latent_jax.latent import loss_fn
 from latent_jax.models import init_model
-from latent_jax.trainer import make_optimizer
+from latent_jax.train.trainer import make_optimizer
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
                "TPU v5p": 459.0, "TPU v6": 918.0}

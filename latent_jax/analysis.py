@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from latent_jax.data.prosqa import bfs_distances, graph_adjacency
+from latent_jax.latent import feed_thoughts
 from latent_jax.layout import layout_prompts
 from latent_jax.models import forward, get_config, init_cache
 
@@ -127,13 +128,8 @@ def thought_states(graphdef, params, prefix_BxP, prefix_mask_BxP, *, n_latent: i
     B, P = prefix_BxP.shape
     o = forward(graphdef, params, tokens=prefix_BxP, mask=prefix_mask_BxP, cache=init_cache(cfg, B, P + n_latent))
 
-    def think(carry, _):
-        cache, h_BxD, logits_BxV = carry
-        o = forward(graphdef, params, embeds=h_BxD[:, None], mask=jnp.ones((B, 1), bool), cache=cache)
-        return (o.cache, o.hidden[:, 0], o.logits[:, 0]), (h_BxD, logits_BxV)
-
-    _, (h_nxBxD, logits_nxBxV) = jax.lax.scan(think, (o.cache, o.hidden[:, -1], o.logits[:, -1]), None,
-                                              length=n_latent)
+    *_, (h_nxBxD, logits_nxBxV) = feed_thoughts(graphdef, params, o.cache, o.hidden[:, -1], o.logits[:, -1],
+                                                jnp.ones((n_latent, B), bool), collect=True)
     return jnp.swapaxes(h_nxBxD, 0, 1), jax.nn.softmax(jnp.swapaxes(logits_nxBxV, 0, 1).astype(jnp.float32), -1)
 
 
@@ -242,7 +238,7 @@ def run_analysis(cfg: dict, model_dir, n: int | None = 200, top_k: int = 10, out
     """`latent-jax analyze`: load an exported model folder (weights + tokenizer), analyze `n` validation records,
     write analysis.json, latent_tokens.md and PNG plots (+ training_curves.png if {run}/train/metrics.jsonl)."""
     from latent_jax.tokenizer import check_vocab_fits, load_tokenizer
-    from latent_jax.experiment import _valid_records, check_encoding, final_stage
+    from latent_jax.experiment import reported_records, check_encoding, final_stage
     from latent_jax.hf import load_hf
     from latent_jax.methods import build_method
 
@@ -250,7 +246,7 @@ def run_analysis(cfg: dict, model_dir, n: int | None = 200, top_k: int = 10, out
     out = pathlib.Path(out) if out is not None else model_dir.parent / "analysis"
     d = cfg["data"]
     check_encoding(model_dir, cfg, "--model-dir")
-    records = _valid_records({**d, "valid_n": n})  # the run's reported set, in its encoding (symbolic included)
+    records = reported_records({**d, "valid_n": n})  # the run's reported set, in its encoding (symbolic included)
     tok = load_tokenizer(model_dir)
     method = build_method(cfg["method"]["name"], tok, **{k: v for k, v in cfg["method"].items() if k != "name"})
     if not method.uses_hidden_thoughts:

@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 
-from latent_jax.runlock import RunLockedError  # stdlib only: keeps the CLI's start light
+from latent_jax.train.runlock import RunLockedError  # stdlib only: keeps the CLI's start light
 
 DEFAULT_CONFIG = "prosqa_symbolic_cpu"  # README command one: No-CoT, CoT and Coconut on symbolic ProsQA
 
@@ -154,13 +154,13 @@ def _export(args) -> int:
 def _vqvae(args) -> int:
     import pathlib
 
-    from latent_jax.experiment import _records, build, load_config
+    from latent_jax.experiment import experiment_records, build, load_config
 
     cfg = load_config(args.config, args.overrides)
     if cfg["method"].get("name") != "token_assorted":
         raise ValueError(f"{args.config}: method.name is {cfg['method'].get('name')!r}; the vqvae command needs a"
                          " token_assorted config")
-    train_records, valid_records = _records(cfg)
+    train_records, valid_records = experiment_records(cfg)
     _, method, _, _, _ = build(cfg, train_records, valid_records)  # the same tokenizer as `train` builds
     out = pathlib.Path(args.out or pathlib.Path(cfg["output_dir"]) / "vqvae")
     vq = method.fit_vqvae(train_records, out)

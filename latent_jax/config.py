@@ -20,6 +20,31 @@ def check_keys(cls, d: dict, what: str) -> None:
         raise ValueError(f"unknown {what} {unknown}; valid: {valid}")
 
 
+def coerce_numbers(obj, prefix: str, strict_types: bool = False) -> None:
+    """For a frozen config dataclass: a float field given an int (or a numeric string) becomes a float; an int field
+    given anything but an int (a bool included) is an error, as is, with `strict_types`, a str field given a
+    non-string. Messages name `{prefix}.{field}`."""
+    for f in dataclasses.fields(obj):
+        v, t = getattr(obj, f.name), str(f.type)
+        if t.startswith("float") and isinstance(v, (int, str)) and not isinstance(v, bool):
+            try:
+                object.__setattr__(obj, f.name, float(v))
+            except ValueError:
+                raise ValueError(f"{prefix}.{f.name} must be a number, got {v!r}") from None
+        elif t.startswith("int") and v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"{prefix}.{f.name} must be an integer, got {v!r}")
+        elif strict_types and t == "str" and not isinstance(v, str):
+            raise ValueError(f"{prefix}.{f.name} must be a string, got {v!r}")
+
+
+def check_rules(obj, prefix: str, rules) -> None:
+    """`rules`: (field, ok, what it must be) triples; the first failing one raises
+    `ValueError("{prefix}.{field}={value!r} is invalid: must be {what}")`."""
+    bad = [(name, want) for name, ok, want in rules if not ok]
+    if bad:
+        raise ValueError(f"{prefix}.{bad[0][0]}={getattr(obj, bad[0][0])!r} is invalid: must be {bad[0][1]}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama-3.1/3.2 `llama3` rope scaling (HF `rope_scaling` with rope_type='llama3')."""

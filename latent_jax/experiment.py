@@ -121,7 +121,7 @@ def valid_is_generated(d: dict) -> bool:
     return (rung is not None and not graph_size(rung).is_real) or canonical_name(d["task"]) not in DATASETS
 
 
-def _records(cfg: dict):
+def experiment_records(cfg: dict):
     """(train, valid) records of the config's task, rung and encoding (`data.encoding: symbolic`: ProsQA written
     one token per node, `latent_jax.data.symbolic`)."""
     from latent_jax.data import ENCODINGS, load_dataset
@@ -136,14 +136,14 @@ def _records(cfg: dict):
                          f" (got {d['train_source']!r})")
     train = load_dataset(d["task"], split="train", source=d["train_source"], path=d["train_path"], n=d["train_n"],
                          seed=d["seed"], rung=d["rung"])
-    train, valid = _encode(d, train, "training records"), _valid_records(d)
+    train, valid = _encode(d, train, "training records"), reported_records(d)
     if valid_is_generated(d):  # a generated reported set never holds a training question
         seen = {r["question"] for r in train}
         valid = [r for r in valid if r["question"] not in seen]
     return train, valid
 
 
-def _valid_records(d: dict):
+def reported_records(d: dict):
     """The reported records: the real file (or `valid_path`), or a generated held-out set for a smaller rung."""
     from latent_jax.data import load_dataset
 
@@ -197,7 +197,7 @@ def _select_records(cfg: dict, train_records, valid_records) -> list:
 def _records_and_build(cfg: dict):
     """(train, valid, select records), then `build` with a compact vocabulary that also covers the selection
     records: training and `run_export` go through here, so an export rebuilds the run's vocabulary."""
-    train_records, valid_records = _records(cfg)
+    train_records, valid_records = experiment_records(cfg)
     select_records = _select_records(cfg, train_records, valid_records)
     extra = [] if cfg["data"]["select"] == "valid" else select_records
     return train_records, valid_records, select_records, build(cfg, train_records, list(valid_records) + extra)
@@ -280,11 +280,11 @@ def final_stage(method, cfg: dict) -> int:
 
 def run_train(cfg: dict, progress: bool = True, fresh: bool = False) -> dict:
     """Train + evaluate + export. Returns the result dict (also written to {output_dir}/result.json). The run
-    folder is locked for the call (`latent_jax.runlock`); `fresh`: delete its earlier training state
+    folder is locked for the call (`latent_jax.train.runlock`); `fresh`: delete its earlier training state
     ({output_dir}/train: checkpoints, kept-best, metrics) and start from scratch instead of resuming."""
     import jax
 
-    from latent_jax.runlock import RunLock
+    from latent_jax.train.runlock import RunLock
 
     t0 = time.perf_counter()
     out = pathlib.Path(cfg["output_dir"])
@@ -299,7 +299,7 @@ def _run_train(cfg: dict, progress: bool, fresh: bool, t0: float) -> dict:
 
     from latent_jax.evaluate import evaluate
     from latent_jax.hf import save_hf
-    from latent_jax.trainer import TrainConfig, train
+    from latent_jax.train.trainer import TrainConfig, train
 
     out = pathlib.Path(cfg["output_dir"])
     if fresh and (out / "train").exists():
@@ -355,7 +355,7 @@ def run_eval(cfg: dict, model_dir: str, progress: bool = True, out: str | None =
     out_path = pathlib.Path(out) if out else pathlib.Path(model_dir) / "eval.json"
     if out and out_path.exists() and not overwrite:
         raise FileExistsError(f"{out_path} exists: pass --overwrite to replace it, or another --out")
-    valid = _valid_records(cfg["data"])
+    valid = reported_records(cfg["data"])
     tok = load_tokenizer(model_dir)
     method = build_method(cfg["method"]["name"], tok, **{k: v for k, v in cfg["method"].items() if k != "name"})
     mcfg, graphdef, params = load_hf(model_dir)
@@ -370,7 +370,7 @@ def run_compare(cfg: dict, progress: bool = True, on_result=None, fresh: bool = 
     """Train and evaluate every method of `cfg["compare"]` at the config's one budget (data, model, train, eval),
     each in `{output_dir}/{method}`; returns `{"rows": [result, ...], "summary": sentence}` (also written to
     `{output_dir}/compare.json`). `on_result(result)` is called after each method (e.g. to print its row)."""
-    from latent_jax.runlock import RunLock
+    from latent_jax.train.runlock import RunLock
 
     with RunLock(cfg["output_dir"], "comparison"):
         return _run_compare(cfg, progress, on_result, fresh)
@@ -435,7 +435,7 @@ def format_table(rows: list[dict]) -> str:
 
 def run_export(cfg: dict, checkpoint_dir: str, out: str, step: int | None = None) -> pathlib.Path:
     """Restore params from an orbax checkpoint of this config's run and write a HF folder (+ tokenizer)."""
-    from latent_jax.checkpoint import Checkpointer, abstract_like
+    from latent_jax.train.checkpoint import Checkpointer, abstract_like
     from latent_jax.hf import save_hf
 
     *_, (tok, _, mcfg, _, params) = _records_and_build(cfg)

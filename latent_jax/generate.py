@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latent_jax.models import KVCache, forward, get_config, init_cache
+from latent_jax.models import KVCache, embed_tokens, forward, get_config, init_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +49,26 @@ def sample_logits(logits_BxV, rng, sampling: SamplingConfig):
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+class Feedback(NamedTuple):
+    """A method's own inputs during decoding (LT-Tuning feeds a fusion vector where it emits `<thinking>`):
+    init(B) -> extra state; mask(logits_BxV, extra) -> the logits to sample from; embed(tok_B, x_BxD, logits_BxV,
+    h_BxD, extra, done_B) -> (input of the next position, extra), where x is the sampled token's own embedding and
+    (h, logits) the final hidden state and logits that produced the token."""
+
+    init: Callable[[int], Any]
+    mask: Callable
+    embed: Callable
+
+
 def decode_loop(graphdef, params, cache: KVCache, last_logits_BxV, rng, sampling: SamplingConfig,
-                eos_ids: tuple[int, ...], pad_id: int):
-    """Decode up to max_new_tokens from a filled cache. Returns (tokens [B, N] padded after EOS, lengths [B])."""
+                eos_ids: tuple[int, ...], pad_id: int, feedback: Feedback | None = None, last_hidden_BxD=None):
+    """Decode up to max_new_tokens from a filled cache. Returns (tokens [B, N] padded after EOS, lengths [B]).
+    feedback (with the prefill's last hidden state): a method's inputs instead of the tokens' embeddings."""
     B, N = last_logits_BxV.shape[0], sampling.max_new_tokens
     eos = jnp.asarray(eos_ids, jnp.int32)
+    if feedback is not None:
+        return _decode_with_feedback(graphdef, params, cache, last_logits_BxV, last_hidden_BxD, rng, sampling, eos,
+                                     pad_id, feedback)
 
     def cond(state):
         step, _, _, done, _, _ = state
@@ -71,9 +86,33 @@ def decode_loop(graphdef, params, cache: KVCache, last_logits_BxV, rng, sampling
     init = (jnp.zeros((), jnp.int32), cache, last_logits_BxV, jnp.zeros((B,), bool),
             jnp.full((B, N), pad_id, jnp.int32), rng)
     _, _, _, _, out, _ = jax.lax.while_loop(cond, body, init)
-    is_eos = jnp.isin(out, eos)
-    first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, N)
-    return out, first_eos
+    return out, _lengths(out, eos, N)
+
+
+def _lengths(out_BxN, eos, N: int):
+    is_eos = jnp.isin(out_BxN, eos)
+    return jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, N)
+
+
+def _decode_with_feedback(graphdef, params, cache, logits_BxV, h_BxD, rng, sampling, eos, pad_id, fb: Feedback):
+    B, N = logits_BxV.shape[0], sampling.max_new_tokens
+
+    def cond(s):
+        return (s[0] < N) & ~jnp.all(s[5])
+
+    def body(s):
+        step, cache, logits, h, extra, done, out, rng = s
+        rng, sub = jax.random.split(rng)
+        tok = jnp.where(done, pad_id, sample_logits(fb.mask(logits, extra), sub, sampling))
+        out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], step, axis=1)
+        x_BxD, extra = fb.embed(tok, embed_tokens(graphdef, params, tok[:, None])[:, 0], logits, h, extra, done)
+        o = forward(graphdef, params, embeds=x_BxD[:, None], mask=~done[:, None], cache=cache)
+        return step + 1, o.cache, o.logits[:, -1], o.hidden[:, -1], extra, done | jnp.isin(tok, eos), out, rng
+
+    init = (jnp.zeros((), jnp.int32), cache, logits_BxV, h_BxD, fb.init(B), jnp.zeros((B,), bool),
+            jnp.full((B, N), pad_id, jnp.int32), rng)
+    out = jax.lax.while_loop(cond, body, init)[6]
+    return out, _lengths(out, eos, N)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "pad_id"))

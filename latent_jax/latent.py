@@ -66,6 +66,26 @@ def loss_fn(params, graphdef, batch: dict, prefix_len: int, n_latent: int, rng=N
     return loss, {"loss_sum": total, "n_tokens": count, "n_correct": correct}
 
 
+def feed_thoughts(graphdef, params, cache, h_BxD, logits_BxV, active_nxB, next_input=None, collect: bool = False):
+    """The thought loop of generation and analysis: one `lax.scan` step per thought column. At step k the rows with
+    active[k] feed `next_input(h, logits)` (default: h itself, Coconut's last hidden state; a method may supply its
+    own vector, e.g. a fusion of h and the predicted embedding) as the input of one new position and take its final
+    hidden state and logits; inactive rows keep theirs (the position is masked). Returns (cache, h [B, D], logits
+    [B, V], and with `collect` the per-step inputs [n, B, D] and the logits they came from [n, B, V], else None)."""
+    nxt = (lambda h, z: h) if next_input is None else next_input
+
+    def step(carry, active_B):
+        cache, h, z = carry
+        x_BxD = nxt(h, z)
+        o = forward(graphdef, params, embeds=x_BxD[:, None], mask=active_B[:, None], cache=cache)
+        a = active_B[:, None]
+        return (o.cache, jnp.where(a, o.hidden[:, 0], h), jnp.where(a, o.logits[:, 0], z)), \
+            ((x_BxD, z) if collect else None)
+
+    (cache, h, z), trace = jax.lax.scan(step, (cache, h_BxD, logits_BxV), active_nxB)
+    return cache, h, z, trace
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "n_latent", "sampling", "eos_ids", "pad_id"))
 def latent_generate_padded(graphdef, params, prefix_BxP, prefix_mask_BxP, think_mask_Bxn, suffix_BxS, rng, *,
                            n_latent: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], pad_id: int):
@@ -77,14 +97,8 @@ def latent_generate_padded(graphdef, params, prefix_BxP, prefix_mask_BxP, think_
     cache = init_cache(cfg, B, P + n_latent + S + sampling.max_new_tokens)
     o = forward(graphdef, params, tokens=prefix_BxP, mask=prefix_mask_BxP, cache=cache)
 
-    def think(carry, active_B):
-        cache, h_BxD, last_BxV = carry
-        o = forward(graphdef, params, embeds=h_BxD[:, None], mask=active_B[:, None], cache=cache)
-        a = active_B[:, None]
-        return (o.cache, jnp.where(a, o.hidden[:, 0], h_BxD), jnp.where(a, o.logits[:, 0], last_BxV)), None
-
-    (cache, _, last), _ = jax.lax.scan(think, (o.cache, o.hidden[:, -1], o.logits[:, -1]),
-                                       jnp.swapaxes(think_mask_Bxn, 0, 1))
+    cache, _, last, _ = feed_thoughts(graphdef, params, o.cache, o.hidden[:, -1], o.logits[:, -1],
+                                      jnp.swapaxes(think_mask_Bxn, 0, 1))
     if S:
         o = forward(graphdef, params, tokens=suffix_BxS, cache=cache)
         cache, last = o.cache, o.logits[:, -1]

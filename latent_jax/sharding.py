@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from latent_jax.config import check_keys
 
@@ -214,3 +214,49 @@ def jit_sharded(fn: Callable, mesh: Mesh, in_kinds: Sequence[str | None], out_ki
 
     call.jitted = cache  # for tests: the compiled variants
     return call
+
+
+class Placement:
+    """Where the trainer's state and batches live.
+
+    mesh None: data parallel over all devices when the global micro-batch divides evenly (params replicated, batch
+    split on its first axis), else everything on one device (single process only).
+    mesh (`latent_jax.sharding.MeshConfig` keys, e.g. {"ici_fsdp": -1}): a (data, fsdp, tensor) mesh; params,
+    optimizer state and gradients are sharded by the logical-axis rules, batches over (data, fsdp). `self.mesh` is
+    then that Mesh (None otherwise), for `trainer.make_steps`."""
+
+    def __init__(self, global_batch: int, mesh: Any = None):
+        self.mesh = None
+        if mesh is not None:
+            self.mesh = make_mesh(MeshConfig.from_dict(mesh))
+            check_batch(self.mesh, global_batch)
+            self.replicated = NamedSharding(self.mesh, PartitionSpec())
+            self.data = batch_sharding(self.mesh)
+            return
+        n = jax.device_count()
+        if n > 1 and global_batch % n == 0:
+            dp = Mesh(np.array(jax.devices()), ("data",))
+            self.replicated = NamedSharding(dp, PartitionSpec())
+            self.data = NamedSharding(dp, PartitionSpec("data"))
+        elif jax.process_count() > 1:
+            raise ValueError(f"batch_size * process_count = {global_batch} must be a multiple of the {n} devices"
+                             " in multi-process training")
+        else:
+            self.replicated = self.data = SingleDeviceSharding(jax.local_devices()[0])
+
+    def shardings(self, tree: Any) -> Any:
+        """The sharding of every leaf of `tree` (same structure) as `tree()` places it."""
+        if self.mesh is not None:
+            return tree_shardings(self.mesh, tree)
+        return jax.tree.map(lambda _: self.replicated, tree)
+
+    def tree(self, tree: Any) -> Any:
+        """A copy of `tree` on the devices (never aliases the input: the trainer donates its state)."""
+        copy = jax.tree.map(jax.numpy.copy, tree)  # device_put may alias shard 0
+        return put(copy, self.shardings(copy))
+
+    def batch(self, batch) -> dict[str, jax.Array]:
+        """A `layout.Batch`'s arrays on the devices, split over the data axes."""
+        if jax.process_count() > 1:
+            return {k: jax.make_array_from_process_local_data(self.data, a) for k, a in batch.arrays().items()}
+        return jax.device_put(batch.arrays(), self.data)

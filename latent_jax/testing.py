@@ -167,7 +167,7 @@ def toy_records(n: int, seed: int = 0, n_steps: int = 2, q_len: int = 5) -> list
 
 def quiet(**kw):
     """A `TrainConfig` for tests: no progress bar, bucket 16, then `kw`."""
-    from latent_jax.trainer import TrainConfig
+    from latent_jax.train.trainer import TrainConfig
 
     return TrainConfig(**{"progress": False, "bucket": 16, **kw})
 

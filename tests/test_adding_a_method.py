@@ -16,7 +16,7 @@ from latent_jax.methods import available_methods, build_method, prepare_model, r
 from latent_jax.methods.base import Method
 from latent_jax.models import get_config, init_model
 from latent_jax.testing import quiet, tiny_config
-from latent_jax.trainer import train
+from latent_jax.train.trainer import train
 from latent_jax.word_tokenizer import WordTokenizer
 
 DOC = pathlib.Path(__file__).parents[1] / "docs" / "adding_a_method.md"

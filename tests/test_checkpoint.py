@@ -12,11 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from latent_jax.checkpoint import Checkpointer, abstract_like, export_hf
-from latent_jax.data.pipeline import epoch_dataset, epoch_iterator
+from latent_jax.train.checkpoint import Checkpointer, abstract_like, export_hf
+from latent_jax.train.pipeline import epoch_dataset, epoch_iterator
 from latent_jax.models import init_model
 from latent_jax.testing import ToyMethod, tiny_config, toy_records
-from latent_jax.trainer import TrainConfig, make_optimizer, train
+from latent_jax.train.trainer import TrainConfig, make_optimizer, train
 
 
 TESTS = pathlib.Path(__file__).parent

@@ -17,7 +17,7 @@ import pytest
 from latent_jax.distributed import DistributedConfig, first_slurm_host, initialize, resolve
 from latent_jax.models import init_model
 from latent_jax.testing import ToyMethod, quiet, tiny_config, toy_records
-from latent_jax.trainer import train
+from latent_jax.train.trainer import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,7 +62,7 @@ WORKER = textwrap.dedent("""
     import jax
     from latent_jax.models import init_model
     from latent_jax.testing import ToyMethod, quiet, tiny_config, toy_records
-    from latent_jax.trainer import train
+    from latent_jax.train.trainer import train
     assert jax.process_count() == 2 and jax.device_count() == 4, (jax.process_count(), jax.device_count())
     g, p = init_model(tiny_config("gpt2", n_layers=1), seed=0)
     losses = []

@@ -18,7 +18,7 @@ def test_configs_exist_for_every_method():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_loads_and_builds_method(name):
     cfg = load_config(name)
-    from latent_jax.trainer import TrainConfig
+    from latent_jax.train.trainer import TrainConfig
     TrainConfig.from_dict({"output_dir": "/tmp/x", **cfg["train"],
                            **({"max_latent_stage": cfg["method"]["max_latent_stage"]}
                               if "max_latent_stage" in cfg["method"] else {})})

@@ -5,7 +5,9 @@ bad), and the smaller items (config validation at load, prompt-length errors, ov
 The table in BUILD_NOTES.md ("Faults and bad input") points here."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -148,7 +150,7 @@ def test_compact_vocab_export_and_size_mismatch(tmp_path, capsys):
 
 HOLD = """
 import sys, time
-from latent_jax.runlock import RunLock
+from latent_jax.train.runlock import RunLock
 RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(120)
@@ -156,7 +158,7 @@ time.sleep(120)
 
 
 def test_run_folder_lock_refuses_a_second_run_and_dies_with_its_holder(base_run, tmp_path, capsys):
-    from latent_jax.runlock import RunLock, RunLockedError, holder
+    from latent_jax.train.runlock import RunLock, RunLockedError, holder
 
     cfg, _ = base_run
     out = tmp_path / "busy"
@@ -179,47 +181,64 @@ def test_run_folder_lock_refuses_a_second_run_and_dies_with_its_holder(base_run,
         assert holder(out)["pid"] == os.getpid()
 
 
-def _largest_file(folder: pathlib.Path) -> pathlib.Path:
-    return max((f for f in folder.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+@contextlib.contextmanager
+def checkpoint_warnings():
+    """The warnings `latent_jax.train.checkpoint` logs, caught by a handler on that logger itself: robust to
+    whatever an earlier test (or a library's logging.config call) did to the root, its level or `disabled`."""
+    lg = logging.getLogger("latent_jax.train.checkpoint")
+    records: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda r: records.append(r.getMessage())
+    old = (lg.disabled, lg.level)
+    lg.disabled = False
+    lg.setLevel(logging.WARNING)
+    lg.addHandler(handler)
+    try:
+        yield records
+    finally:
+        lg.removeHandler(handler)
+        lg.disabled, lg.level = old
 
 
-def test_corrupt_checkpoints_fall_back_or_fail_clearly(base_run, tmp_path, capsys, caplog):
-    from latent_jax.checkpoint import Checkpointer
+def _data_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    """Every array-data file of an Orbax (OCDBT) item: the files in its `d/` folders. Which of them holds live
+    data varies from run to run (OCDBT leaves per-process files beside the merged ones), so a test that must
+    corrupt the arrays damages them all."""
+    files = [f for f in folder.rglob("*") if f.is_file() and f.parent.name == "d"]
+    assert files, f"no OCDBT data files under {folder}"
+    return files
 
-    import logging
 
-    caplog.set_level(logging.WARNING, logger="latent_jax.checkpoint")  # whatever an earlier test left on the root
+def test_corrupt_checkpoints_fall_back_or_fail_clearly(base_run, tmp_path, capsys):
+    from latent_jax.train.checkpoint import Checkpointer
+
     cfg, out = _copy(base_run, tmp_path)
     ckdir = out / "train" / "checkpoints"
     assert sorted(int(s.name) for s in ckdir.iterdir() if s.name.isdigit()) == [1, 2]
     meta_wall = Checkpointer(ckdir).restore_meta(1)["wall_seconds"]
-    f = _largest_file(ckdir / "2" / "params")
-    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated
+    for f in _data_files(ckdir / "2" / "params"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated
     capsys.readouterr()
-    assert main(["train", cfg, f"output_dir={out}"]) == 0  # falls back to step 1, re-runs step 2
-    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    with checkpoint_warnings() as warned:
+        assert main(["train", cfg, f"output_dir={out}"]) == 0  # falls back to step 1, re-runs step 2
     assert any("checkpoint step 2" in w and "corrupt" in w and "older step" in w for w in warned), warned
     result = json.loads((out / "result.json").read_text())
     assert result["history"][-1]["step"] == 2 and result["wall_seconds"] > meta_wall  # earlier process counted
     # every step bad -> one clear error, no traceback
     for step in ("1", "2"):
-        g = _largest_file(ckdir / step / "params")
-        g.write_bytes(b"\0" * 10)
+        for g in _data_files(ckdir / step / "params"):
+            g.write_bytes(b"\0" * 10)
     assert main(["train", cfg, f"output_dir={out}"]) == 2
     err = capsys.readouterr().err
     assert "no good checkpoint" in err and "step 1" in err and "step 2" in err and "Traceback" not in err
 
 
-def test_silently_wrong_values_fail_the_checksum_and_are_never_called_good(tmp_path, caplog):
+def test_silently_wrong_values_fail_the_checksum_and_are_never_called_good(tmp_path):
     """Corruption that still decodes (step 2's params files replaced by step 1's: valid bytes, wrong values)
     restores without an error from Orbax; the checksums catch it, and `latest_good_step` skips the step."""
-    import logging
-
     import jax.numpy as jnp
 
-    from latent_jax.checkpoint import Checkpointer, abstract_like, tree_checksums, verify_checksums
-
-    caplog.set_level(logging.WARNING, logger="latent_jax.checkpoint")
+    from latent_jax.train.checkpoint import Checkpointer, abstract_like, tree_checksums, verify_checksums
 
     tree = {"w": jnp.arange(4096, dtype=jnp.float32).reshape(64, 64), "b": jnp.ones((7,), jnp.bfloat16)}
     sums = tree_checksums(tree)
@@ -236,10 +255,11 @@ def test_silently_wrong_values_fail_the_checksum_and_are_never_called_good(tmp_p
     ck = Checkpointer(tmp_path / "ck", async_save=False)
     restored, _ = ck.restore(2, abstract_like(tree))  # Orbax alone: no error, step 1's values
     np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(tree["w"]))
-    step, meta, params, _ = ck.restore_good(abstract_like(tree))
+    with checkpoint_warnings() as warned:
+        step, meta, params, _ = ck.restore_good(abstract_like(tree))
     assert step == 1 and meta["step"] == 1 and ck.bad_steps == {2}
     assert ck.latest_step() == 2 and ck.latest_good_step() == 1
-    assert any("checkpoint step 2" in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records)
+    assert any("checkpoint step 2" in w and "checksum" in w for w in warned), warned
     ck.close()
 
 

@@ -228,7 +228,7 @@ def test_run_train_end_to_end_and_optimizer_resets(tmp_path, monkeypatch):
             return tx.init(p)
         return optax.GradientTransformation(init, tx.update)
 
-    def counting_step(*a, **k):  # one optimizer step (latent_jax.train_step)
+    def counting_step(*a, **k):  # one optimizer step (latent_jax.train.step)
         events.append("step")
         return real_step(*a, **k)
 

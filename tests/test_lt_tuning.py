@@ -20,7 +20,7 @@ from latent_jax.models import embed_tokens, forward, init_model
 from latent_jax.params import flatten_params, path_str
 from latent_jax.testing import tiny_config
 from latent_jax.tokenizer import load_tokenizer
-from latent_jax.trainer import TrainConfig, train
+from latent_jax.train.trainer import TrainConfig, train
 
 NAMES = ["Alex", "Tom", "Sam", "Max", "Jo", "Kim", "Lee", "Ann"]
 RECS = [{"question": "Every wumpus is a yumpus. " + "Every zumpus is a rumpus. " * (i % 3) + f"{n} is a wumpus. Is {n} a yumpus or zumpus?",

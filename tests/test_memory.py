@@ -12,7 +12,7 @@ from latent_jax.latent import loss_fn
 from latent_jax.models import forward, init_model
 from latent_jax.models.transformer import with_remat
 from latent_jax.testing import ToyMethod, make_batch, quiet, tiny_config, toy_records
-from latent_jax.trainer import train
+from latent_jax.train.trainer import train
 
 
 def test_remat_keeps_latent_loss_and_grads():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from latent_jax.data.pipeline import epoch_dataset
+from latent_jax.train.pipeline import epoch_dataset
 from latent_jax.methods.base import uniform_example_stage as example_stage
 from latent_jax.methods import IGNORE, build_method, method_config
 from latent_jax.tokenizer import load_tokenizer

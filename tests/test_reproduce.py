@@ -132,13 +132,13 @@ def test_lab_profile_configs_are_current_load_and_share_one_budget_per_task():
 
 @pytest.mark.parametrize("task", [t for t in reproduce.LAB_TASKS if t.startswith("sym")])
 def test_lab_generation_budget_fits_the_longest_symbolic_cot(task):
-    from latent_jax.experiment import _records, load_config
+    from latent_jax.experiment import experiment_records, load_config
     from latent_jax.word_tokenizer import WordTokenizer
     from latent_jax.data import symbolic_vocab
 
     cfg = load_config(str(reproduce.LAB_CONFIGS / f"{task}_cot.yaml"), ["data.train_n=1", "data.valid_n=300"])
     try:
-        _, valid = _records(cfg)
+        _, valid = experiment_records(cfg)
     except FileNotFoundError as e:
         pytest.skip(f"no validation file here: {e}")
     tok = WordTokenizer(symbolic_vocab())

@@ -12,13 +12,13 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from latent_jax.checkpoint import Checkpointer, abstract_like
-from latent_jax.data.pipeline import Placement
+from latent_jax.train.checkpoint import Checkpointer, abstract_like
+from latent_jax.train.pipeline import Placement
 from latent_jax.latent import loss_fn
 from latent_jax.models import forward, init_model
 from latent_jax.sharding import MeshConfig, batch_sharding, make_mesh, shard_params, tree_shardings
 from latent_jax.testing import ToyMethod, make_batch, quiet, tiny_config, toy_records
-from latent_jax.trainer import TrainConfig, train
+from latent_jax.train.trainer import TrainConfig, train
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
 # compile-time bound on 2 CPU cores: skip LLVM's expensive passes (numerics are unchanged, only speed)

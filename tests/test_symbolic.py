@@ -176,14 +176,14 @@ def test_symbolic_export_evaluates_and_refuses_the_other_encoding(tmp_path):
 
 
 def test_encoding_errors():
-    from latent_jax.experiment import _records, load_config
+    from latent_jax.experiment import experiment_records, load_config
 
     with pytest.raises(ValueError, match="data.encoding must be one of"):
-        _records(load_config("prosqa_symbolic_cpu", ["data.encoding=runes"]))
+        experiment_records(load_config("prosqa_symbolic_cpu", ["data.encoding=runes"]))
     with pytest.raises(ValueError, match="symbolic is for ProsQA"):
-        _records(load_config("prosqa_symbolic_cpu", ["data.task=prontoqa", "data.rung=null"]))
+        experiment_records(load_config("prosqa_symbolic_cpu", ["data.task=prontoqa", "data.rung=null"]))
     with pytest.raises(ValueError, match="only read with data.train_source=file"):
-        _records(load_config("prosqa_symbolic_cpu", ["data.train_path=x.json"]))
+        experiment_records(load_config("prosqa_symbolic_cpu", ["data.train_path=x.json"]))
 
 
 def test_index_node_ids_keep_the_records_numbering():

@@ -7,12 +7,12 @@ import pathlib
 import numpy as np
 import pytest
 
-from latent_jax.data.pipeline import epoch_dataset
-from latent_jax.experiment import _records, build, load_config, run_train
+from latent_jax.train.pipeline import epoch_dataset
+from latent_jax.experiment import experiment_records, build, load_config, run_train
 from latent_jax.methods import IGNORE, build_method
 from latent_jax.methods.token_assorted import BOL, EOL
 from latent_jax.tokenizer import load_tokenizer
-from latent_jax.vqvae import load_vqvae
+from latent_jax.methods.vqvae import load_vqvae
 
 L = 4
 TINY = ["data.train_n=24", "data.valid_n=6", "train.epochs=1", "train.batch_size=8", "train.progress=false",
@@ -34,7 +34,7 @@ def run(tmp_path_factory):
 def prepared(run):
     """The run's tokenizer + method, prepare_data loading the run's saved VQ-VAE (no retraining)."""
     cfg, _ = run
-    train, valid = _records(cfg)
+    train, valid = experiment_records(cfg)
     _, method, _, _, _ = build(cfg, train, valid)
     folder = pathlib.Path(cfg["output_dir"]) / "vqvae"
     weights = folder / "vqvae.safetensors"
@@ -137,7 +137,7 @@ def test_vqvae_cli_and_mismatched_checkpoint(run, prepared, tmp_path, capsys):
     assert main(["vqvae", "prosqa_coconut_cpu"]) == 2 and "token_assorted" in capsys.readouterr().err
     # the run's folder holds a VQ-VAE with other options: refused unless named explicitly with vqvae_dir
     other = load_config("prosqa_token_assorted_cpu", [*TINY, "method.vqvae.steps=31"])
-    t, v = _records(other)
+    t, v = experiment_records(other)
     _, m2, _, _, _ = build(other, t, v)
     with pytest.raises(ValueError, match="other options"):
         m2.prepare_data(t, cfg["output_dir"])

@@ -12,7 +12,7 @@ from latent_jax.latent import loss_fn
 from latent_jax.methods import build_method, collate
 from latent_jax.models import init_model
 from latent_jax.testing import tiny_config
-from latent_jax.train_step import TrainState, train_step
+from latent_jax.train.step import TrainState, train_step
 from latent_jax.word_tokenizer import WordTokenizer
 
 

@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from latent_jax.checkpoint import Checkpointer
-from latent_jax.data.pipeline import Placement, epoch_dataset, epoch_iterator, pad_batch, scheduled_stage
+from latent_jax.train.checkpoint import Checkpointer
+from latent_jax.train.pipeline import Placement, epoch_dataset, epoch_iterator, pad_batch, scheduled_stage
 from latent_jax.latent import loss_fn
 from latent_jax.layout import IGNORE, collate
 from latent_jax.methods.base import uniform_example_stage as example_stage
 from latent_jax.models import init_model
 from latent_jax.testing import ToyMethod, quiet, tiny_config, toy_records
-from latent_jax.trainer import TrainConfig, make_steps, train
+from latent_jax.train.trainer import TrainConfig, make_steps, train
 
 @pytest.fixture(scope="module")
 def model():
@@ -277,7 +277,7 @@ def test_schedule_sets_the_stage_of_each_batch():
 
 
 def test_group_by_length_is_a_deterministic_permutation_of_sorted_windows():
-    from latent_jax.data.pipeline import group_by_length
+    from latent_jax.train.pipeline import group_by_length
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(10, 90, 203).tolist()
@@ -335,10 +335,26 @@ def test_fixed_shapes_give_one_compile_shape_per_stage_with_thoughts():
 
 
 def test_a_field_added_later_at_its_default_does_not_block_resume():
-    from latent_jax.trainer import comparable_trajectory
+    from latent_jax.train.trainer import comparable_trajectory
 
     saved = {"lr": 1e-3, "batch_size": 8, "method": "coconut"}
     now = {**saved, "length_groups": 0}
     assert comparable_trajectory(now, saved) == saved  # an older checkpoint resumes
     assert comparable_trajectory({**saved, "length_groups": 8}, saved)["length_groups"] == 8  # a real change stays
     assert comparable_trajectory({**saved, "batch_size": 16}, saved)["batch_size"] == 16
+
+
+def test_old_module_names_are_aliases_of_the_training_wing():
+    """`latent_jax.trainer`, `train_step`, `checkpoint`, `runlock`, `data.pipeline` and `vqvae` moved (to
+    `latent_jax.train.*` and `latent_jax.methods.vqvae`); the old names are the same module objects, so user code
+    and monkeypatching keep working. `Placement` lives in `latent_jax.sharding`."""
+    import importlib
+
+    import latent_jax.sharding as sharding
+    import latent_jax.train.pipeline as pipeline
+
+    pairs = {"trainer": "train.trainer", "train_step": "train.step", "checkpoint": "train.checkpoint",
+             "runlock": "train.runlock", "data.pipeline": "train.pipeline", "vqvae": "methods.vqvae"}
+    for old, new in pairs.items():
+        assert importlib.import_module(f"latent_jax.{old}") is importlib.import_module(f"latent_jax.{new}"), old
+    assert pipeline.Placement is sharding.Placement

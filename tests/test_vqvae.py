@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from latent_jax.vqvae import (CONFIG_FILE, WEIGHTS_FILE, ChunkData, VQVAEConfig, codebook_usage, evaluate_vqvae,
+from latent_jax.methods.vqvae import (CONFIG_FILE, WEIGHTS_FILE, ChunkData, VQVAEConfig, codebook_usage, evaluate_vqvae,
                               load_vqvae, quantize, save_vqvae, train_vqvae)
 
 V, L, N_PATTERNS = 20, 4, 16
@@ -88,7 +88,7 @@ def test_save_load_round_trip(trained, tmp_path):
 @pytest.mark.parametrize("kw,match", [
     ({"codebook_size": 1}, "codebook_size"), ({"chunk_len": 0}, "chunk_len"), ({"beta": -0.1}, "beta"),
     ({"decay": 0.0}, "decay"), ({"decay": 1.0}, "decay"), ({"codebook_update": "kmeans"}, "codebook_update"),
-    ({"steps": 1.5}, "steps must be of type int"), ({"d_model": 30, "n_heads": 4}, "d_model"),
+    ({"steps": 1.5}, "steps must be an integer"), ({"d_model": 30, "n_heads": 4}, "d_model"),
 ])
 def test_bad_configs(kw, match):
     with pytest.raises(ValueError, match=match):

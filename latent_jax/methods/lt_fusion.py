@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from latent_jax.generate import SamplingConfig, sample_logits
+from latent_jax.generate import Feedback, SamplingConfig, decode_loop
 from latent_jax.latent import token_loss
 from latent_jax.models import embed_tokens, forward, get_config, init_cache
 
@@ -108,37 +108,28 @@ def gold_probs(graphdef, params, tokens_BxT, mask_BxT):
                                              "fusion"))
 def lt_generate_padded(graphdef, params, tokens_BxP, mask_BxP, rng, *, sampling: SamplingConfig,
                        eos_ids: tuple[int, ...], pad_id: int, max_consecutive: int, fusion: tuple):
-    """Prefill a left-padded batch, then decode in one `lax.while_loop`: a sampled `<thinking>` is fed back as the
-    fusion vector of this step's (h, z), any other token as its embedding; after `max_consecutive` thoughts in a
-    row the `<thinking>` logit is masked. Returns (tokens [B, N] padded after EOS, lengths [B])."""
+    """Prefill a left-padded batch, then decode with the shared `generate.decode_loop` and a `Feedback`: a sampled
+    `<thinking>` is fed back as the fusion vector of this step's (h, z), any other token as its embedding; after
+    `max_consecutive` thoughts in a row the `<thinking>` logit is masked. Returns (tokens [B, N] padded after EOS,
+    lengths [B])."""
     cfg = get_config(graphdef, params)
     kw = dict(fusion)
     think_id = kw["think_id"]
     B, P = tokens_BxP.shape
-    N = sampling.max_new_tokens
-    eos = jnp.asarray(eos_ids, jnp.int32)
     e_in, _ = embedding_matrices(graphdef, params)
-    o = forward(graphdef, params, tokens=tokens_BxP, mask=mask_BxP, cache=init_cache(cfg, B, P + N))
+    o = forward(graphdef, params, tokens=tokens_BxP, mask=mask_BxP,
+                cache=init_cache(cfg, B, P + sampling.max_new_tokens))
 
-    def cond(s):
-        return (s[0] < N) & ~jnp.all(s[4])
-
-    def body(s):
-        step, cache, logits, h_BxD, done, run_B, out, rng = s
-        rng, sub = jax.random.split(rng)
+    def mask(logits, run_B):  # run_B: thoughts in a row so far
         capped = (run_B >= max_consecutive)[:, None] & (jnp.arange(logits.shape[-1]) == think_id)
-        tok = jnp.where(done, pad_id, sample_logits(jnp.where(capped, -jnp.inf, logits), sub, sampling))
-        out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], step, axis=1)
+        return jnp.where(capped, -jnp.inf, logits)
+
+    def embed(tok, x_BxD, logits, h_BxD, run_B, done):
         think = (tok == think_id) & ~done
-        x_BxD = embed_tokens(graphdef, params, tok[:, None])[:, 0]
         x_BxD = jax.lax.cond(jnp.any(think), lambda: jnp.where(
             think[:, None], fuse(h_BxD, logits, e_in, **kw).astype(x_BxD.dtype), x_BxD), lambda: x_BxD)
-        o = forward(graphdef, params, embeds=x_BxD[:, None], mask=~done[:, None], cache=cache)
-        run_B = jnp.where(think, run_B + 1, 0)
-        return step + 1, o.cache, o.logits[:, -1], o.hidden[:, -1], done | jnp.isin(tok, eos), run_B, out, rng
+        return x_BxD, jnp.where(think, run_B + 1, 0)
 
-    init = (jnp.zeros((), jnp.int32), o.cache, o.logits[:, -1], o.hidden[:, -1], jnp.zeros((B,), bool),
-            jnp.zeros((B,), jnp.int32), jnp.full((B, N), pad_id, jnp.int32), rng)
-    out = jax.lax.while_loop(cond, body, init)[6]
-    is_eos = jnp.isin(out, eos)
-    return out, jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, N)
+    feedback = Feedback(lambda n: jnp.zeros((n,), jnp.int32), mask, embed)
+    return decode_loop(graphdef, params, o.cache, o.logits[:, -1], rng, sampling, eos_ids, pad_id, feedback,
+                       o.hidden[:, -1])

@@ -1,9 +1,9 @@
 """Token Assorted (Su et al., ICML 2025): the leftmost CoT tokens replaced by discrete latent codes of a VQ-VAE.
 
-A VQ-VAE (`latent_jax.vqvae`) maps every chunk of L CoT tokens to one of K codes. The vocabulary grows by the K code
-tokens `<|latent_i|>` and the markers `<|boLatent|>` / `<|eoLatent|>`. A training example replaces its leftmost
-m = k·L CoT tokens by their k codes, k drawn per example and epoch (`example_stage`, deterministic in seed, epoch,
-record index) uniformly from the allowed counts (0 .. #full chunks, or the fitting `m_choices`):
+A VQ-VAE (`latent_jax.methods.vqvae`) maps every chunk of L CoT tokens to one of K codes. The vocabulary grows by
+the K code tokens `<|latent_i|>` and the markers `<|boLatent|>` / `<|eoLatent|>`. A training example replaces its
+leftmost m = k·L CoT tokens by their k codes, k drawn per example and epoch (`example_stage`, deterministic in
+seed, epoch, record index) uniformly from the allowed counts (0 .. #full chunks, or the fitting `m_choices`):
 
     question\\n <|boLatent|> <|latent_c1|> .. <|latent_ck|> <|eoLatent|> CoT[k·L:] ### answer <eos>     (k > 0)
     question\\n CoT ### answer <eos>                                                                     (k = 0)
@@ -27,7 +27,7 @@ import numpy as np
 from latent_jax.layout import IGNORE, Example, Prompt
 from latent_jax.methods.base import Method, first_token_id
 from latent_jax.tokenizer import Tokenizer
-from latent_jax.vqvae import (CONFIG_FILE, VQVAE, ChunkData, VQVAEConfig, load_vqvae, save_vqvae,
+from latent_jax.methods.vqvae import (CONFIG_FILE, VQVAE, ChunkData, VQVAEConfig, load_vqvae, save_vqvae,
                               tokenizer_fingerprint, train_vqvae)
 
 log = logging.getLogger(__name__)
