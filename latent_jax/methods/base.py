@@ -80,7 +80,8 @@ class Method:
                            (`train.max_latent_stage`); None (default): the method has no such curriculum
     Required: `encode`, `prompt`. Hooks with defaults (override what the method needs):
       num_stages, init_token_id, schedule, example_stage, collate, loss_for_stage, on_stage_start,
-      get_state / set_state, prepare_data, generate, eligible_for_best, stage_note.
+      get_state / set_state, prepare_data, generate, eligible_for_best, stage_note. Shared helper:
+      `record_tokens(record)` (question / steps / answer token ids, the layout every reference uses).
     """
 
     name: str = "method"
