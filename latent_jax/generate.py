@@ -63,56 +63,33 @@ class Feedback(NamedTuple):
 def decode_loop(graphdef, params, cache: KVCache, last_logits_BxV, rng, sampling: SamplingConfig,
                 eos_ids: tuple[int, ...], pad_id: int, feedback: Feedback | None = None, last_hidden_BxD=None):
     """Decode up to max_new_tokens from a filled cache. Returns (tokens [B, N] padded after EOS, lengths [B]).
-    feedback (with the prefill's last hidden state): a method's inputs instead of the tokens' embeddings."""
+    feedback (with the prefill's last hidden state): a method's inputs instead of the tokens' embeddings; without
+    it the loop carries no hidden state or extra (None leaves) and feeds the sampled tokens."""
     B, N = last_logits_BxV.shape[0], sampling.max_new_tokens
     eos = jnp.asarray(eos_ids, jnp.int32)
-    if feedback is not None:
-        return _decode_with_feedback(graphdef, params, cache, last_logits_BxV, last_hidden_BxD, rng, sampling, eos,
-                                     pad_id, feedback)
+    fb = feedback
 
     def cond(state):
-        step, _, _, done, _, _ = state
-        return (step < N) & ~jnp.all(done)
+        return (state[0] < N) & ~jnp.all(state[5])
 
     def body(state):
-        step, cache, logits, done, out, rng = state
+        step, cache, logits, h, extra, done, out, rng = state
         rng, sub = jax.random.split(rng)
-        tok = jnp.where(done, pad_id, sample_logits(logits, sub, sampling))
+        tok = jnp.where(done, pad_id, sample_logits(logits if fb is None else fb.mask(logits, extra), sub, sampling))
         out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], step, axis=1)
-        o = forward(graphdef, params, tokens=tok[:, None], mask=~done[:, None], cache=cache)
-        done = done | jnp.isin(tok, eos)
-        return step + 1, o.cache, o.logits[:, -1], done, out, rng
+        if fb is None:
+            o = forward(graphdef, params, tokens=tok[:, None], mask=~done[:, None], cache=cache)
+        else:
+            x_BxD, extra = fb.embed(tok, embed_tokens(graphdef, params, tok[:, None])[:, 0], logits, h, extra, done)
+            o = forward(graphdef, params, embeds=x_BxD[:, None], mask=~done[:, None], cache=cache)
+            h = o.hidden[:, -1]
+        return step + 1, o.cache, o.logits[:, -1], h, extra, done | jnp.isin(tok, eos), out, rng
 
-    init = (jnp.zeros((), jnp.int32), cache, last_logits_BxV, jnp.zeros((B,), bool),
-            jnp.full((B, N), pad_id, jnp.int32), rng)
-    _, _, _, _, out, _ = jax.lax.while_loop(cond, body, init)
-    return out, _lengths(out, eos, N)
-
-
-def _lengths(out_BxN, eos, N: int):
-    is_eos = jnp.isin(out_BxN, eos)
-    return jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, N)
-
-
-def _decode_with_feedback(graphdef, params, cache, logits_BxV, h_BxD, rng, sampling, eos, pad_id, fb: Feedback):
-    B, N = logits_BxV.shape[0], sampling.max_new_tokens
-
-    def cond(s):
-        return (s[0] < N) & ~jnp.all(s[5])
-
-    def body(s):
-        step, cache, logits, h, extra, done, out, rng = s
-        rng, sub = jax.random.split(rng)
-        tok = jnp.where(done, pad_id, sample_logits(fb.mask(logits, extra), sub, sampling))
-        out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], step, axis=1)
-        x_BxD, extra = fb.embed(tok, embed_tokens(graphdef, params, tok[:, None])[:, 0], logits, h, extra, done)
-        o = forward(graphdef, params, embeds=x_BxD[:, None], mask=~done[:, None], cache=cache)
-        return step + 1, o.cache, o.logits[:, -1], o.hidden[:, -1], extra, done | jnp.isin(tok, eos), out, rng
-
-    init = (jnp.zeros((), jnp.int32), cache, logits_BxV, h_BxD, fb.init(B), jnp.zeros((B,), bool),
-            jnp.full((B, N), pad_id, jnp.int32), rng)
+    init = (jnp.zeros((), jnp.int32), cache, last_logits_BxV, None if fb is None else last_hidden_BxD,
+            None if fb is None else fb.init(B), jnp.zeros((B,), bool), jnp.full((B, N), pad_id, jnp.int32), rng)
     out = jax.lax.while_loop(cond, body, init)[6]
-    return out, _lengths(out, eos, N)
+    is_eos = jnp.isin(out, eos)
+    return out, jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, N)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "pad_id"))

@@ -66,21 +66,18 @@ def loss_fn(params, graphdef, batch: dict, prefix_len: int, n_latent: int, rng=N
     return loss, {"loss_sum": total, "n_tokens": count, "n_correct": correct}
 
 
-def feed_thoughts(graphdef, params, cache, h_BxD, logits_BxV, active_nxB, next_input=None, collect: bool = False):
+def feed_thoughts(graphdef, params, cache, h_BxD, logits_BxV, active_nxB, collect: bool = False):
     """The thought loop of generation and analysis: one `lax.scan` step per thought column. At step k the rows with
-    active[k] feed `next_input(h, logits)` (default: h itself, Coconut's last hidden state; a method may supply its
-    own vector, e.g. a fusion of h and the predicted embedding) as the input of one new position and take its final
-    hidden state and logits; inactive rows keep theirs (the position is masked). Returns (cache, h [B, D], logits
-    [B, V], and with `collect` the per-step inputs [n, B, D] and the logits they came from [n, B, V], else None)."""
-    nxt = (lambda h, z: h) if next_input is None else next_input
+    active[k] feed their last final hidden state as the input of one new position and take its hidden state and
+    logits; inactive rows keep theirs (the position is masked). Returns (cache, h [B, D], logits [B, V], and with
+    `collect` the per-step inputs [n, B, D] and the logits they came from [n, B, V], else None)."""
 
     def step(carry, active_B):
         cache, h, z = carry
-        x_BxD = nxt(h, z)
-        o = forward(graphdef, params, embeds=x_BxD[:, None], mask=active_B[:, None], cache=cache)
+        o = forward(graphdef, params, embeds=h[:, None], mask=active_B[:, None], cache=cache)
         a = active_B[:, None]
         return (o.cache, jnp.where(a, o.hidden[:, 0], h), jnp.where(a, o.logits[:, 0], z)), \
-            ((x_BxD, z) if collect else None)
+            ((h, z) if collect else None)
 
     (cache, h, z), trace = jax.lax.scan(step, (cache, h_BxD, logits_BxV), active_nxB)
     return cache, h, z, trace
