@@ -344,6 +344,18 @@ def test_a_field_added_later_at_its_default_does_not_block_resume():
     assert comparable_trajectory({**saved, "batch_size": 16}, saved)["batch_size"] == 16
 
 
+def test_a_model_field_added_later_at_its_default_does_not_block_resume():
+    """A checkpoint written before ModelConfig had dropout rates resumes when they are 0 now; a real dropout
+    setting is a difference that is refused."""
+    from latent_jax.train.checkpoint import check_compatible
+
+    now = tiny_config("gpt2").to_dict()
+    older = {k: v for k, v in now.items() if not k.endswith("_dropout")}
+    check_compatible({"model_config": older}, now, {})
+    with pytest.raises(ValueError, match="model.resid_dropout"):
+        check_compatible({"model_config": older}, {**now, "resid_dropout": 0.1}, {})
+
+
 def test_old_module_names_are_aliases_of_the_training_wing():
     """`latent_jax.trainer`, `train_step`, `checkpoint`, `runlock`, `data.pipeline` and `vqvae` moved (to
     `latent_jax.train.*` and `latent_jax.methods.vqvae`); the old names are the same module objects, so user code
