@@ -1,12 +1,13 @@
 """Does a 2-layer model trained from scratch learn to look edges up? A teacher-forced CoT probe on symbolic ProsQA.
 
-    python benchmarks/lookup_probe.py RUNG BATCH LR STEPS [model overrides, e.g. d_model=256 family=llama]
+    python benchmarks/lookup_probe.py RUNG BATCH LR STEPS [sep=none] [model overrides, e.g. smear_keys=1 family=llama]
 
 Trains CoT (`train_step`, AdamW, constant lr) on fresh generated questions of RUNG every step and, every 100 steps,
 prints teacher-forced accuracy at each supervised position (0: first path node, 1: its newline, 2: second node, ...)
 and child0 / child2: the share of predictions at positions 0 / 2 that are a child of the current path node (a
 model that looks the current node's edges up scores ~1 there; deg0 / deg2: the mean out-degree of that node).
-Session-9 curves: results/investigate/lookup_probe.json (BUILD_NOTES, issue 15).
+sep=none: the path's nodes follow each other (`data.step_separator: none`, the lab's layout since session 10); then
+slot 1 is the second path node. Curves: results/investigate/lookup_probe.json (BUILD_NOTES, issue 15).
 """
 import sys, time, json
 import numpy as np, jax, jax.numpy as jnp
@@ -21,7 +22,9 @@ rung = sys.argv[1]; B = int(sys.argv[2]); lr = float(sys.argv[3]); steps = int(s
 over = dict(a.split("=") for a in sys.argv[5:])
 over = {k: (float(v) if "." in v else int(v)) if v.replace(".", "").isdigit() else v for k, v in over.items()}
 method_name = over.pop("method", "cot")
-tok = WordTokenizer(symbolic_vocab())
+nosep = over.pop("sep", "newline") == "none"  # data.step_separator=none: path nodes with no newline between them
+NODE_SLOT = {0: 0, 2: 1} if nosep else {0: 0, 2: 2}  # reported slot -> label slot of path node 1 / 2
+tok = WordTokenizer(symbolic_vocab(), newlines=not nosep)
 method = build_method(method_name, tok)
 mc = dict(n_layers=2, d_model=128, n_heads=4, n_kv_heads=4, head_dim=32, d_ff=512, max_positions=256)
 mc.update(over)
@@ -56,9 +59,9 @@ def evaluate(params):
         path = [sym[r["root"]]] + r["steps"]
         pos = np.nonzero(lab[i] != -100)[0]
         for slot in (0, 2):
-            if slot // 2 + 1 < len(path) and slot < len(pos):
+            if slot // 2 + 1 < len(path) and NODE_SLOT[slot] < len(pos):
                 cur = path[slot // 2]
-                guess = tok.decode([int(p[i, pos[slot] - 1])]).strip()
+                guess = tok.decode([int(p[i, pos[NODE_SLOT[slot]] - 1])]).strip()
                 child[slot].append(guess in kids.get(cur, set()))
                 cand[slot].append(len(kids.get(cur, set())))
     out["child0"] = round(float(np.mean(child[0])), 3); out["child2"] = round(float(np.mean(child[2])), 3)

@@ -68,6 +68,12 @@ class ModelConfig:
            positions), `resid_pdrop` (attention and MLP outputs, before the residual add) and `attn_pdrop`
            (attention probabilities; Llama's `attention_dropout`). Applied only when a forward pass gets a
            `dropout_rng` (training); evaluation and generation never do. `load_hf` reads them from config.json.
+    smear_keys: smeared-key attention (Olsson et al. 2022, "In-context learning and induction heads"): each key is
+           sigmoid(a_h) k_j + (1 - sigmoid(a_h)) k_{j-1} with a learned a_h per kv head (init 0). A one-layer
+           induction head ("find the token after the one like mine") then needs no previous-token head: the from-
+           scratch CPU lab learns edge lookup in ~10^4 samples instead of > 4*10^5 (BUILD_NOTES, issue 15). Not a
+           transformers architecture: an export carries it as `latent_jax_smear_keys` in config.json (our
+           `load_hf` reads it back; `transformers` cannot run such a folder).
     Softmax, norms and the loss are always computed in float32.
     """
 
@@ -92,6 +98,7 @@ class ModelConfig:
     embd_dropout: float = 0.0
     resid_dropout: float = 0.0
     attn_dropout: float = 0.0
+    smear_keys: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | None = None
 

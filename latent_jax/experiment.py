@@ -22,7 +22,7 @@ SECTIONS = {
     "method": {"name": "coconut"},
     "data": {"task": "prosqa", "train_source": "generated", "train_n": None, "train_path": None, "valid_n": None,
              "valid_path": None, "seed": 0, "select": "valid", "select_n": None, "encoding": "text", "rung": None,
-             "symbolic_ids": "shuffled"},
+             "symbolic_ids": "shuffled", "step_separator": None},
     "train": {},
     "eval": {"batch_size": 32, "max_new_tokens": 64, "stage": None},
     "compare": None,  # a list of method sections: train each at the same budget, one table (`run_compare`)
@@ -131,6 +131,7 @@ def experiment_records(cfg: dict):
         raise ValueError(f"data.encoding must be one of {ENCODINGS}, got {d['encoding']!r}")
     if d["encoding"] == "symbolic" and d["task"] != "prosqa":
         raise ValueError(f"data.encoding=symbolic is for ProsQA (its records carry the graph); task is {d['task']!r}")
+    step_separator(d)
     if d["train_path"] is not None and d["train_source"] != "file":
         raise ValueError(f"data.train_path={d['train_path']!r} is only read with data.train_source=file"
                          f" (got {d['train_source']!r})")
@@ -141,6 +142,22 @@ def experiment_records(cfg: dict):
         seen = {r["question"] for r in train}
         valid = [r for r in valid if r["question"] not in seen]
     return train, valid
+
+
+STEP_SEPARATORS = ("newline", "none")
+
+
+def step_separator(d: dict) -> str:
+    """`data.step_separator`: "newline" (the reference layout: a newline after the question and each step) or
+    "none" (symbolic only: the path's nodes follow each other, Zhu et al.'s layout). Default: "none" for the symbolic
+    encoding, "newline" for text."""
+    sep = d.get("step_separator") or ("none" if d.get("encoding") == "symbolic" else "newline")
+    if sep not in STEP_SEPARATORS:
+        raise ValueError(f"data.step_separator must be one of {STEP_SEPARATORS}, got {sep!r}")
+    if sep == "none" and d.get("encoding", "text") != "symbolic":
+        raise ValueError("data.step_separator=none is for data.encoding=symbolic (a BPE text layout needs its"
+                         " newlines)")
+    return sep
 
 
 def reported_records(d: dict):
@@ -222,7 +239,11 @@ def build(cfg: dict, train_records, valid_records):
     if folder is not None:
         check_encoding(folder, cfg, "model.pretrained")
     if symbolic:  # one token per node: the word vocabulary is already compact, `tokenizer` and compact_vocab unused
-        tok = WordTokenizer.load(folder) if folder is not None else WordTokenizer(symbolic_vocab())
+        newlines = step_separator(cfg["data"]) == "newline"
+        tok = WordTokenizer.load(folder) if folder is not None else WordTokenizer(symbolic_vocab(), newlines=newlines)
+        if tok.newlines != newlines:
+            raise ValueError(f"model.pretrained {pretrained!r} was trained with data.step_separator="
+                             f"{'newline' if tok.newlines else 'none'}; this config uses the other layout")
     elif folder is not None and (pathlib.Path(folder) / COMPACT_META).exists():
         tok = load_tokenizer(folder)  # our export of a compact-vocabulary model (e.g. the CoT stage to continue
     else:  # from, as Coconut and iCoT-SI do): its vocabulary is the model's, whatever `tokenizer` says

@@ -40,7 +40,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
                            tie_embeddings=True, attn_bias=True, mlp_bias=True,
                            embd_dropout=float(hf.get("embd_pdrop", 0.1)),
                            resid_dropout=float(hf.get("resid_pdrop", 0.1)),
-                           attn_dropout=float(hf.get("attn_pdrop", 0.1)), bos_token_id=hf.get("bos_token_id"),
+                           attn_dropout=float(hf.get("attn_pdrop", 0.1)), smear_keys=_smear(hf),
+                           bos_token_id=hf.get("bos_token_id"),
                            eos_token_id=_first(hf.get("eos_token_id")))
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} unsupported (need silu)")
@@ -59,8 +60,15 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
                        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_theta=float(theta),
                        rope_scaling=scaling, attn_bias=bool(hf.get("attention_bias", False)),
                        mlp_bias=bool(hf.get("mlp_bias", False)), attn_dropout=float(hf.get("attention_dropout", 0.0)),
-                       bos_token_id=hf.get("bos_token_id"),
+                       smear_keys=_smear(hf), bos_token_id=hf.get("bos_token_id"),
                        eos_token_id=_first(hf.get("eos_token_id")))
+
+
+SMEAR_KEY = "latent_jax_smear_keys"  # config.json flag of our smeared-keys attention (not a transformers option)
+
+
+def _smear(hf: dict) -> bool:
+    return bool(hf.get(SMEAR_KEY, False))
 
 
 def _first(x):
@@ -69,7 +77,8 @@ def _first(x):
 
 def config_to_hf(cfg: ModelConfig) -> dict:
     common = dict(vocab_size=cfg.vocab_size, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
-                  tie_word_embeddings=cfg.tie_embeddings, torch_dtype=cfg.param_dtype)
+                  tie_word_embeddings=cfg.tie_embeddings, torch_dtype=cfg.param_dtype,
+                  **({SMEAR_KEY: True} if cfg.smear_keys else {}))
     if cfg.family == "gpt2":
         return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=cfg.d_model,
                     n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff, n_positions=cfg.max_positions,
@@ -105,6 +114,8 @@ def _groups(cfg: ModelConfig) -> list[Group]:
                    lambda a: [a[0].reshape(N, H, D), a[1]], lambda a: [a[0].reshape(N * H, D), a[1]]),
                   ([h + "mlp.c_fc.weight", h + "mlp.c_fc.bias", h + "mlp.c_proj.weight", h + "mlp.c_proj.bias"],
                    [o + "mlp.w_in", o + "mlp.b_in", o + "mlp.w_out", o + "mlp.b_out"], list, list)]
+            if cfg.smear_keys:
+                g.append(([h + "attn.smear"], [o + "attn.smear"], one, one))
         g.append((["transformer.ln_f.weight", "transformer.ln_f.bias"], ["final_norm.scale", "final_norm.bias"],
                   list, list))
         return g
@@ -124,6 +135,8 @@ def _groups(cfg: ModelConfig) -> list[Group]:
                lambda a: [np.ascontiguousarray(a[0].reshape(N * H, D).T)]),
               ([h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight", h + "mlp.down_proj.weight"],
                [o + "mlp.w_gate", o + "mlp.w_in", o + "mlp.w_out"], T, T)]
+        if cfg.smear_keys:
+            g.append(([h + "self_attn.smear"], [o + "attn.smear"], one, one))
         if cfg.attn_bias:
             g += [([h + f"self_attn.{p}_proj.bias"], [o + f"attn.b{p}"],
                    lambda a, n=(N if p == "q" else K): [a[0].reshape(n, H)], lambda a: [a[0].reshape(-1)])

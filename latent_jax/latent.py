@@ -38,22 +38,52 @@ def latent_forward(graphdef, params, tokens, mask, latent, prefix_len: int, n_la
     pre = forward(graphdef, params, embeds=emb_BxTxD[:, :P], mask=mask[:, :P], cache=cache, positions=pos(0, P),
                   dropout_rng=dropout_rng)
 
-    def think(carry, k):
-        cache, h_prev_BxD = carry
+    def column(k, h_prev_BxD, _logits, extra):  # a latent slot takes the previous column's hidden state
         col = P + k
         tok_emb = jax.lax.dynamic_index_in_dim(emb_BxTxD, col, axis=1, keepdims=False)
         is_latent = jax.lax.dynamic_index_in_dim(latent, col, axis=1, keepdims=False)
         x_BxD = jnp.where(is_latent[:, None], h_prev_BxD.astype(tok_emb.dtype), tok_emb)
-        m = jax.lax.dynamic_slice_in_dim(mask, col, 1, axis=1)
+        m_B = jax.lax.dynamic_index_in_dim(mask, col, axis=1, keepdims=False)
         p = None if positions is None else jax.lax.dynamic_slice_in_dim(positions, col, 1, axis=1)
-        o = forward(graphdef, params, embeds=x_BxD[:, None], mask=m, cache=cache, positions=p,
-                    dropout_rng=dropout_rng)
-        return (o.cache, o.hidden[:, 0]), o.logits[:, 0]
+        return x_BxD, m_B, p, extra
 
-    (cache, _), logits_nxBxV = jax.lax.scan(think, (pre.cache, pre.hidden[:, -1]), jnp.arange(n))
+    cache, *_, logits_nxBxV = thought_loop(graphdef, params, pre.cache, pre.hidden[:, -1], pre.logits[:, -1],
+                                           jnp.arange(n), column, dropout_rng=dropout_rng, collect="out")
     rest = forward(graphdef, params, embeds=emb_BxTxD[:, P + n:], mask=mask[:, P + n:], cache=cache,
                    positions=pos(P + n, T), dropout_rng=dropout_rng)
     return jnp.concatenate([pre.logits, jnp.swapaxes(logits_nxBxV, 0, 1), rest.logits], axis=1)
+
+
+def thought_loop(graphdef, params, cache, h_BxD, logits_BxV, xs, step, extra=None, *, dropout_rng=None,
+                 collect: str | None = None, skip_idle: bool = False):
+    """The one loop that feeds a method's vectors back as inputs: a `lax.scan` over `xs`, one new position per step,
+    differentiable. `step(x, h_BxD, logits_BxV, extra) -> (input_BxD, feed_B, positions_Bx1 | None, extra)` is the
+    method's part: x is this step's slice of `xs`, (h, logits) each row's final hidden state and logits at its last
+    fed position. Coconut feeds h (training: h where the column is latent, else the column's token); Soft Thinking
+    a concept token. Rows with feed False write a masked slot (never attended, no position) and keep (h, logits).
+    skip_idle: skip the forward pass of a step where no row feeds (early-stopping loops). collect: None, "out"
+    (the logits of every step's position [n, B, V]) or "in" (every step's input [n, B, D] and the logits it came
+    from [n, B, V]). Returns (cache, h, logits, extra, trace)."""
+
+    def body(carry, x):
+        cache, h, z, extra = carry
+        inp_BxD, feed_B, pos, extra = step(x, h, z, extra)
+
+        def run(cache):
+            o = forward(graphdef, params, embeds=inp_BxD[:, None], mask=feed_B[:, None], cache=cache,
+                        positions=pos, dropout_rng=dropout_rng)
+            return o.cache, o.hidden[:, 0], o.logits[:, 0]
+
+        if skip_idle:
+            cache2, h_new, z_new = jax.lax.cond(jnp.any(feed_B), run, lambda c: (c, h, z), cache)
+        else:
+            cache2, h_new, z_new = run(cache)
+        a = feed_B[:, None]
+        trace = {"out": z_new, "in": (inp_BxD, z), None: None}[collect]
+        return (cache2, jnp.where(a, h_new, h), jnp.where(a, z_new, z), extra), trace
+
+    (cache, h, z, extra), trace = jax.lax.scan(body, (cache, h_BxD, logits_BxV, extra), xs)
+    return cache, h, z, extra, trace
 
 
 def loss_fn(params, graphdef, batch: dict, prefix_len: int, n_latent: int, rng=None):
@@ -67,19 +97,11 @@ def loss_fn(params, graphdef, batch: dict, prefix_len: int, n_latent: int, rng=N
 
 
 def feed_thoughts(graphdef, params, cache, h_BxD, logits_BxV, active_nxB, collect: bool = False):
-    """The thought loop of generation and analysis: one `lax.scan` step per thought column. At step k the rows with
-    active[k] feed their last final hidden state as the input of one new position and take its hidden state and
-    logits; inactive rows keep theirs (the position is masked). Returns (cache, h [B, D], logits [B, V], and with
-    `collect` the per-step inputs [n, B, D] and the logits they came from [n, B, V], else None)."""
-
-    def step(carry, active_B):
-        cache, h, z = carry
-        o = forward(graphdef, params, embeds=h[:, None], mask=active_B[:, None], cache=cache)
-        a = active_B[:, None]
-        return (o.cache, jnp.where(a, o.hidden[:, 0], h), jnp.where(a, o.logits[:, 0], z)), \
-            ((h, z) if collect else None)
-
-    (cache, h, z), trace = jax.lax.scan(step, (cache, h_BxD, logits_BxV), active_nxB)
+    """Coconut's thoughts in generation and analysis (`thought_loop` with the hidden state as the next input): at
+    step k the rows with active[k] feed their last final hidden state. Returns (cache, h [B, D], logits [B, V], and
+    with `collect` the per-step inputs [n, B, D] and the logits they came from [n, B, V], else None)."""
+    cache, h, z, _, trace = thought_loop(graphdef, params, cache, h_BxD, logits_BxV, active_nxB,
+                                         lambda a_B, h, z, e: (h, a_B, None, e), collect="in" if collect else None)
     return cache, h, z, trace
 
 

@@ -17,12 +17,14 @@ _PIECES = re.compile(r"\n|[^\s]+")
 
 
 class WordTokenizer:
-    """Word ``i`` of ``vocab`` has id ``i``; added special tokens follow. ``vocab[0]`` is EOS (also BOS and pad)."""
+    """Word ``i`` of ``vocab`` has id ``i``; added special tokens follow. ``vocab[0]`` is EOS (also BOS and pad).
+    newlines False: ``\\n`` is whitespace like a space (the methods' step separators vanish, so a symbolic path is
+    written node after node, as Zhu et al.'s layout; the ``\\n`` word stays in the vocabulary, unused)."""
 
-    def __init__(self, vocab: Sequence[str], name: str = "symbolic"):
+    def __init__(self, vocab: Sequence[str], name: str = "symbolic", newlines: bool = True):
         if len(set(vocab)) != len(vocab) or not vocab:
             raise ValueError("a word vocabulary needs distinct words (the first is EOS)")
-        self.name, self.words = name, list(vocab)
+        self.name, self.words, self.newlines = name, list(vocab), bool(newlines)
         self.ids = {w: i for i, w in enumerate(self.words)}
         self.added: dict[str, int] = {}
 
@@ -44,6 +46,8 @@ class WordTokenizer:
     def encode(self, text: str, add_bos: bool = False, allow_special: bool = True) -> list[int]:
         out = [self.bos_id] if add_bos else []
         for w in _PIECES.findall(text):
+            if w == "\n" and not self.newlines:
+                continue
             i = self.ids.get(w, self.added.get(w) if allow_special else None)
             if i is None:
                 raise ValueError(f"word {w!r} of {text[:60]!r} is not in the {self.name} vocabulary"
@@ -66,15 +70,17 @@ class WordTokenizer:
     def save(self, directory) -> pathlib.Path:
         d = pathlib.Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        (d / META).write_text(json.dumps({"name": self.name, "words": self.words, "added": self.added}))
+        (d / META).write_text(json.dumps({"name": self.name, "words": self.words, "added": self.added,
+                                           "newlines": self.newlines}))
         return d
 
     @classmethod
     def load(cls, directory) -> "WordTokenizer":
         meta = json.loads((pathlib.Path(directory) / META).read_text())
-        tok = cls(meta["words"], meta["name"])
+        tok = cls(meta["words"], meta["name"], meta.get("newlines", True))  # older folders: newlines
         tok.add_special_tokens(sorted(meta["added"], key=meta["added"].get))
         return tok
 
     def __repr__(self) -> str:
-        return f"WordTokenizer({self.name!r}, vocab_size={self.vocab_size}, added_tokens={list(self.added)})"
+        return (f"WordTokenizer({self.name!r}, vocab_size={self.vocab_size}, added_tokens={list(self.added)},"
+                f" newlines={self.newlines})")

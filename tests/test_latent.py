@@ -31,9 +31,10 @@ def naive_loss(params, graphdef, batch, slots, rng=None):
 @pytest.mark.parametrize("specs", [
     [(9, 2, 4), (5, 4, 7), (12, 0, 3)],  # left padding, different n per row, a row without latents
 ])
-def test_loss_and_grads_equal_naive_reference(family, specs):
+@pytest.mark.parametrize("smear", [False, True], ids=["plain", "smeared_keys"])
+def test_loss_and_grads_equal_naive_reference(family, specs, smear):
     with jax.default_matmul_precision("highest"):
-        cfg = tiny_config(family)
+        cfg = tiny_config(family, smear_keys=smear)
         g, p = init_model(cfg, seed=11)
         b = make_batch(np.random.default_rng(0), cfg.vocab_size, specs)
         arrays = {k: jnp.asarray(v) for k, v in b.arrays().items()}

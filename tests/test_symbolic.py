@@ -193,3 +193,40 @@ def test_index_node_ids_keep_the_records_numbering():
     assert s["question"].endswith(f"[R] n{rec['root']}") and s["answer"] == f"n{rec['target']}"
     with pytest.raises(ValueError, match="symbolic node ids must be one of"):
         to_symbolic(rec, ids="sorted")
+
+
+def test_step_separator_none_writes_the_path_node_after_node(tmp_path):
+    """data.step_separator (default for the symbolic encoding: none): the methods' newlines vanish, the word
+    tokenizer keeps the choice in its saved folder, and a model of one layout is refused by the other."""
+    from latent_jax.experiment import build, experiment_records, load_config, step_separator
+    from latent_jax.methods import build_method
+
+    flat = WordTokenizer(symbolic_vocab(8), newlines=False)
+    assert flat.encode("[R] n1\nn2\n### n3") == flat.encode("[R] n1 n2 ### n3")
+    assert WordTokenizer(symbolic_vocab(8)).encode("n1\nn2") != flat.encode("n1\nn2")
+    flat.save(tmp_path / "flat")
+    assert WordTokenizer.load(tmp_path / "flat").newlines is False
+    meta = tmp_path / "flat" / "latent_jax_word_vocab.json"  # a folder saved before the option: newlines
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "newlines"}))
+    assert WordTokenizer.load(tmp_path / "flat").newlines is True
+
+    cfg = load_config("prosqa_symbolic_cpu", ["data.train_n=4", "data.valid_n=4"])
+    assert step_separator(cfg["data"]) == "none"
+    train, valid = experiment_records(cfg)
+    tok, method, *_ = build(cfg, train, valid)
+    assert tok.newlines is False
+    rec = train[0]
+    ex = build_method("cot", tok).encode(rec, 0)
+    words = tok.decode(ex.tokens).split()
+    r = words.index("[R]")
+    assert words[r + 2:r + 2 + len(rec["steps"])] == rec["steps"] and "\n" not in tok.decode(ex.tokens)
+    lines = load_config("prosqa_symbolic_cpu", ["data.step_separator=newline"])
+    assert build(lines, train, valid)[0].newlines is True
+    with pytest.raises(ValueError, match="step_separator=none is for data.encoding=symbolic"):
+        experiment_records(load_config("prosqa_coconut_cpu", ["data.step_separator=none"]))
+    with pytest.raises(ValueError, match="data.step_separator must be one of"):
+        experiment_records(load_config("prosqa_symbolic_cpu", ["data.step_separator=comma"]))
+    WordTokenizer(symbolic_vocab(), newlines=False).save(tmp_path / "model")
+    with pytest.raises(ValueError, match="trained with data.step_separator=none; this config uses the other"):
+        build(load_config("prosqa_symbolic_cpu", [f"model.pretrained={tmp_path / 'model'}",
+                                                  "data.step_separator=newline"]), train, valid)

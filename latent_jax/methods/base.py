@@ -158,6 +158,12 @@ class Method:
     def prepare_data(self, train_records: Sequence[dict[str, Any]], output_dir) -> None:
         """Called once before training (fit a tokenizer of latents, measure the longest CoT, ...). Default: nothing."""
 
+    def fit_auxiliary(self, train_records: Sequence[dict[str, Any]], folder) -> dict[str, Any]:
+        """Train the method's auxiliary model ahead of training, save it to `folder` and return its metrics
+        (`latent-jax vqvae`: Token Assorted's VQ-VAE, which `prepare_data` then finds). Default: the method has none,
+        a ValueError."""
+        raise ValueError(f"method {self.name!r} has no auxiliary model to fit (token_assorted's VQ-VAE is one)")
+
     def on_stage_start(self, stage: int, graphdef, params, records: Sequence[dict[str, Any]]) -> None:
         """Called before an epoch whose first stage differs from the previous step's (LT-Tuning rebuilds its data
         from the current model here). Default: nothing."""

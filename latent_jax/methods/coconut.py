@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from latent_jax.config import check_rules, coerce_numbers
 from latent_jax.layout import IGNORE, Example, Prompt
 from latent_jax.methods.base import Method, first_token_id
 from latent_jax.tokenizer import Tokenizer
@@ -41,13 +42,11 @@ class CoconutConfig:
     LAYOUTS = ("reference", "capped")
 
     def __post_init__(self):
-        if self.variant not in self.VARIANTS:
-            raise ValueError(f"unknown Coconut variant {self.variant!r}; valid: {self.VARIANTS}")
-        if self.c_thought < 0 or self.max_latent_stage < 0:
-            raise ValueError(f"c_thought and max_latent_stage must be >= 0 (got {self.c_thought},"
-                             f" {self.max_latent_stage})")
-        if self.stage_layout not in self.LAYOUTS:
-            raise ValueError(f"unknown stage_layout {self.stage_layout!r}; valid: {self.LAYOUTS}")
+        coerce_numbers(self, "CoconutConfig")
+        check_rules(self, "CoconutConfig", [
+            ("variant", self.variant in self.VARIANTS, f"one of {self.VARIANTS}"),
+            ("c_thought", self.c_thought >= 0, ">= 0"), ("max_latent_stage", self.max_latent_stage >= 0, ">= 0"),
+            ("stage_layout", self.stage_layout in self.LAYOUTS, f"one of {self.LAYOUTS}")])
         if self.variant == "no_thought" and self.c_thought != 0:
             object.__setattr__(self, "c_thought", 0)
 

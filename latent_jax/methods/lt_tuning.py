@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from latent_jax.config import check_rules
 from latent_jax.layout import IGNORE, Batch, Example, Prompt, collate, layout_prompts, round_up
 from latent_jax.methods.base import Method, first_token_id
 from latent_jax.methods.lt_fusion import gold_probs, lt_generate_padded, lt_loss
@@ -71,7 +72,7 @@ class LTTuningConfig:
         for name, lo, hi, lo_open in (("alpha", 0.0, 1.0, False), ("thresholds", 0.0, 1.0, False),
                                       ("p_insert", 0.0, 1.0, False), ("p_double", 0.0, 1.0, False)):
             object.__setattr__(self, name, _triple(name, getattr(self, name), lo, hi, lo_open))
-        bad = [(n, want) for n, ok, want in (
+        check_rules(self, "LTTuningConfig", [
             ("temperature", isinstance(self.temperature, (int, float)) and self.temperature > 0, "> 0"),
             ("top_p", isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "in (0, 1]"),
             ("epochs_per_stage", _int(self.epochs_per_stage) and self.epochs_per_stage >= 1, "an integer >= 1"),
@@ -79,10 +80,7 @@ class LTTuningConfig:
             ("max_consecutive", _int(self.max_consecutive) and self.max_consecutive >= 1, "an integer >= 1"),
             ("think_bucket", _int(self.think_bucket) and self.think_bucket >= 1, "an integer >= 1"),
             ("score_batch_size", _int(self.score_batch_size) and self.score_batch_size >= 1, "an integer >= 1"),
-            ("seed", _int(self.seed), "an integer")) if not ok]
-        if bad:
-            n, want = bad[0]
-            raise ValueError(f"LTTuningConfig.{n}={getattr(self, n)!r} is invalid: must be {want}")
+            ("seed", _int(self.seed), "an integer")])
 
     def alpha_at(self, stage: int) -> float:
         stage = min(stage, N_STAGES - 1)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from latent_jax.config import check_rules, coerce_numbers
 from latent_jax.layout import IGNORE, Example, Prompt
 from latent_jax.methods.base import Method, first_token_id
 from latent_jax.methods.coconut import PAUSE
@@ -31,10 +32,9 @@ class PauseConfig:
     random_insert: int = 0  # extra <pause> tokens at random gaps of the target during training
 
     def __post_init__(self):
-        if self.n_pause < 1:
-            raise ValueError(f"n_pause must be >= 1, got {self.n_pause}")
-        if not isinstance(self.random_insert, int) or isinstance(self.random_insert, bool) or self.random_insert < 0:
-            raise ValueError(f"random_insert must be an int >= 0, got {self.random_insert!r}")
+        coerce_numbers(self, "PauseConfig")
+        check_rules(self, "PauseConfig", [("n_pause", self.n_pause >= 1, "an integer >= 1"),
+                                          ("random_insert", self.random_insert >= 0, "an integer >= 0")])
 
 
 def _record_key(record: dict[str, Any]) -> int:

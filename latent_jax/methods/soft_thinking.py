@@ -17,9 +17,11 @@ Thinking ends for a row (rows are independent) when
 Then the answer is decoded normally (`generate.decode_loop`); when `cold_stop_text` was fed its tokens are prepended
 to the returned output, so `evaluate` sees "### answer".
 
-One jitted function: prefill + `lax.while_loop` over thinking steps + forced text + decode loop. All rows advance
-in lockstep; a row that stopped writes masked cache slots (mask False), which no later query attends to and which
-do not advance its positions (`forward` counts positions from the cache mask), so every row's KV cache stays exact.
+One jitted function: prefill + the shared thought loop (`latent.thought_loop`; this file supplies the step, the
+concept token as the next input; steps where no row thinks skip the forward pass) + forced text + decode loop. All
+rows advance in lockstep; a row that stopped writes masked cache slots (mask False), which no later query attends
+to and which do not advance its positions (`forward` counts positions from the cache mask), so every row's KV cache
+stays exact.
 """
 from __future__ import annotations
 
@@ -31,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latent_jax.config import check_rules, coerce_numbers
 from latent_jax.generate import SamplingConfig, decode_loop
+from latent_jax.latent import thought_loop
 from latent_jax.layout import Example, Prompt, layout_prompts
 from latent_jax.methods.base import Method
 from latent_jax.methods.coconut import Coconut, CoconutConfig
@@ -55,26 +59,16 @@ class SoftThinkingConfig:
     max_thinking_steps: int = 128
     answer_marker: str = "###"  # its first token ends thinking when it is the top-1 token
     cold_stop_text: str = "\n###"  # fed after a cold stop / at the budget (prepended to the returned answer)
-    init_token: str = "<<"  # unused (no special tokens); kept for the Method interface
 
     def __post_init__(self):
-        bad = [f"top_k must be an int >= 1 (got {self.top_k!r})"] if not (
-            isinstance(self.top_k, int) and self.top_k >= 1) else []
-        if not 0 < self.top_p <= 1:
-            bad.append(f"top_p must be in (0, 1] (got {self.top_p})")
-        if not self.temperature > 0:
-            bad.append(f"temperature must be > 0 (got {self.temperature})")
-        if not self.entropy_threshold >= 0:
-            bad.append(f"entropy_threshold must be >= 0 (got {self.entropy_threshold})")
-        for name in ("cold_stop_steps", "max_thinking_steps"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 1):
-                bad.append(f"{name} must be an int >= 1 (got {v!r})")
-        for name in ("answer_marker", "cold_stop_text"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                bad.append(f"{name} must be a non-empty string")
-        if bad:
-            raise ValueError("invalid SoftThinkingConfig: " + "; ".join(bad))
+        coerce_numbers(self, "SoftThinkingConfig", strict_types=True)
+        check_rules(self, "SoftThinkingConfig", [
+            ("top_k", self.top_k >= 1, "an integer >= 1"), ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("temperature", self.temperature > 0, "> 0"), ("entropy_threshold", self.entropy_threshold >= 0, ">= 0"),
+            ("cold_stop_steps", self.cold_stop_steps >= 1, "an integer >= 1"),
+            ("max_thinking_steps", self.max_thinking_steps >= 1, "an integer >= 1"),
+            ("answer_marker", bool(self.answer_marker), "a non-empty string"),
+            ("cold_stop_text", bool(self.cold_stop_text), "a non-empty string")])
 
 
 def concept_weights(logits_BxV, top_k: int, top_p: float, temperature: float):
@@ -115,37 +109,31 @@ def soft_think_padded(graphdef, params, tokens_BxP, mask_BxP, live_B, force_F, k
     cache = init_cache(mcfg, B, P + S + F + sampling.max_new_tokens)
     o = forward(graphdef, params, tokens=tokens_BxP, mask=mask_BxP, cache=cache)
 
-    def cond(st):
-        return (st["step"] < S) & jnp.any(st["active"])
-
-    def body(st):
-        logits, active = st["logits"], st["active"]
+    def think(k, h, logits, st):  # Soft Thinking's step of the shared thought loop: the next input is a concept
+        active = st["active"]
         top1_B = jnp.argmax(logits, axis=-1)
         hit = active & jnp.isin(top1_B, stop_ids)
         low = jnp.where(entropy(logits, T) < knobs["entropy_threshold"], st["low"] + 1, 0)
         cold = active & ~hit & (low >= knobs["cold_stop_steps"])
         feed = active & ~hit & ~cold
         e_BxD, top1 = concept_embedding(graphdef, params, logits, top_k, knobs["top_p"], T)
-        out = forward(graphdef, params, embeds=e_BxD[:, None], mask=feed[:, None], cache=st["cache"])
-        top1s = jax.lax.dynamic_update_slice_in_dim(st["top1"], jnp.where(feed, top1, pad_id)[:, None],
-                                                    st["step"], axis=1)
+        top1s = jax.lax.dynamic_update_slice_in_dim(st["top1"], jnp.where(feed, top1, pad_id)[:, None], k, axis=1)
         reason = jnp.where(hit, jnp.where(top1_B == stop_ids[0], MARKER, EOS), jnp.where(cold, COLD, st["reason"]))
-        return dict(step=st["step"] + 1, cache=out.cache, logits=jnp.where(feed[:, None], out.logits[:, -1], logits),
-                    active=feed, low=low, reason=reason, n=st["n"] + feed, top1=top1s)
+        return e_BxD, feed, None, dict(active=feed, low=low, reason=reason, n=st["n"] + feed, top1=top1s)
 
-    init = dict(step=jnp.zeros((), jnp.int32), cache=o.cache, logits=o.logits[:, -1], active=live_B,
-                low=jnp.zeros((B,), jnp.int32), reason=jnp.full((B,), RUNNING, jnp.int32),
+    init = dict(active=live_B, low=jnp.zeros((B,), jnp.int32), reason=jnp.full((B,), RUNNING, jnp.int32),
                 n=jnp.zeros((B,), jnp.int32), top1=jnp.full((B, S), pad_id, jnp.int32))
-    st = jax.lax.while_loop(cond, body, init)
+    cache, _, last_logits, st, _ = thought_loop(graphdef, params, o.cache, o.hidden[:, -1], o.logits[:, -1],
+                                                jnp.arange(S), think, init, skip_idle=True)
     # rows still thinking used the whole budget; a top-1 marker right at the budget needs no forced text
-    top1_B = jnp.argmax(st["logits"], axis=-1)
+    top1_B = jnp.argmax(last_logits, axis=-1)
     at_stop = st["active"] & jnp.isin(top1_B, stop_ids)
     reason = jnp.where(at_stop, jnp.where(top1_B == stop_ids[0], MARKER, EOS),
                        jnp.where(st["active"], BUDGET, st["reason"]))
     forced = (reason == COLD) | (reason == BUDGET)
     fo = forward(graphdef, params, tokens=jnp.broadcast_to(force_F, (B, F)),
-                 mask=jnp.broadcast_to(forced[:, None], (B, F)), cache=st["cache"])
-    logits = jnp.where(forced[:, None], fo.logits[:, -1], st["logits"])
+                 mask=jnp.broadcast_to(forced[:, None], (B, F)), cache=cache)
+    logits = jnp.where(forced[:, None], fo.logits[:, -1], last_logits)
     out, lengths = decode_loop(graphdef, params, fo.cache, logits, rng, sampling, eos_ids, pad_id)
     return dict(out=out, lengths=lengths, think_top1=st["top1"], n_think=st["n"], reason=reason, forced=forced)
 
@@ -188,7 +176,7 @@ class SoftThinking(Method):
 
     def __init__(self, tokenizer: Tokenizer, cfg: SoftThinkingConfig = SoftThinkingConfig()):
         self.tok, self.cfg = tokenizer, cfg
-        self._cot = Coconut(tokenizer, CoconutConfig(variant="cot", init_token=cfg.init_token))
+        self._cot = Coconut(tokenizer, CoconutConfig(variant="cot"))
         self.special_tokens: tuple[str, ...] = ()
         marker = tokenizer.encode(cfg.answer_marker)
         self.force_ids = tokenizer.encode(cfg.cold_stop_text)
@@ -206,9 +194,6 @@ class SoftThinking(Method):
 
     def prompt(self, record: dict[str, Any], stage: int) -> Prompt:
         return self._cot.prompt(record, stage)  # the question only
-
-    def init_token_id(self) -> int:
-        return self._cot.init_token_id()
 
     def generate(self, graphdef, params, prompts: Sequence[Prompt], sampling: SamplingConfig, eos_id: int,
                  pad_id: int, batch_size: int | None = None, seed: int = 0) -> list[list[int]]:

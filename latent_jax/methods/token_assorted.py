@@ -145,6 +145,9 @@ class TokenAssorted(Method):
         self.vqvae, self._codes = vq, {}
         return vq
 
+    def fit_auxiliary(self, train_records: Sequence[dict[str, Any]], folder) -> dict[str, Any]:
+        return self.fit_vqvae(train_records, folder).meta["metrics"]
+
     def prepare_data(self, train_records: Sequence[dict[str, Any]], output_dir) -> None:
         """Load (vqvae_dir, else an existing {output_dir}/vqvae) or train + save the VQ-VAE; cache the codes."""
         out = pathlib.Path(output_dir) / "vqvae"

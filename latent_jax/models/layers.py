@@ -96,6 +96,8 @@ class Attention(nnx.Module):
         self.bk = param(rngs, (K, H), ("kv_heads", "head_dim"), cfg, init="zeros") if bias else None
         self.bv = param(rngs, (K, H), ("kv_heads", "head_dim"), cfg, init="zeros") if bias else None
         self.bo = param(rngs, (D,), ("embed",), cfg, init="zeros") if cfg.family == "gpt2" else None
+        # smeared keys (Olsson et al. 2022): key j attends as sigmoid(a) k_j + (1 - sigmoid(a)) k_{j-1}, per kv head
+        self.smear = param(rngs, (K,), ("kv_heads",), cfg, init="zeros") if cfg.smear_keys else None
 
     def __call__(self, x_BxTxD, positions_BxT, q_slots_BxT, kv, key_valid_BxS, write_index, drop_key=None):
         """kv: (k_RxHxS, v_RxSxH) cache (R = B*K) to write into at `write_index`, or None (no cache:
@@ -128,9 +130,10 @@ class Attention(nnx.Module):
         else:
             k_RxHxS, v_RxSxH, new_kv = k_RxHxT, v_RxTxH, None
         S = v_RxSxH.shape[1]
+        k_attend = k_RxHxS if self.smear is None else self._smeared(k_RxHxS, key_valid_BxS, B, K)
         q_RxGTxH = jnp.transpose((q / math.sqrt(H)).reshape(B, T, K, N // K, H), (0, 2, 3, 1, 4)).reshape(
             B * K, (N // K) * T, H)
-        logits = jnp.einsum("RQH,RHS->RQS", q_RxGTxH, k_RxHxS.astype(dt), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("RQH,RHS->RQS", q_RxGTxH, k_attend.astype(dt), preferred_element_type=jnp.float32)
         allowed_BxTxS = (jnp.arange(S)[None, None, :] <= q_slots_BxT[:, :, None]) & key_valid_BxS[:, None, :]
         logits_BxKxGxTxS = jnp.where(allowed_BxTxS[:, None, None], logits.reshape(B, K, N // K, T, S), NEG_INF)
         probs = dropout_probs(jax.nn.softmax(logits_BxKxGxTxS, axis=-1), cfg.attn_dropout, drop_key,
@@ -142,6 +145,15 @@ class Attention(nnx.Module):
         if self.bo is not None:
             out = out + self.bo[...].astype(dt)
         return out, new_kv
+
+    def _smeared(self, k_RxHxS, key_valid_BxS, B, K):
+        """Keys mixed with the previous slot's key (zero where that slot is padding or before the start), at read
+        time over the whole key tensor, so a cached pass attends to what a full pass does."""
+        prev_valid_BxS = jnp.pad(key_valid_BxS[:, :-1], ((0, 0), (1, 0)))
+        prev_valid_RxS = jnp.repeat(prev_valid_BxS, K, axis=0)
+        k_prev = jnp.pad(k_RxHxS[:, :, :-1], ((0, 0), (0, 0), (1, 0))) * prev_valid_RxS[:, None, :].astype(k_RxHxS.dtype)
+        a_R = jnp.tile(jax.nn.sigmoid(self.smear[...].astype(jnp.float32)), B)[:, None, None].astype(k_RxHxS.dtype)
+        return a_R * k_RxHxS + (1 - a_R) * k_prev
 
 
 class Mlp(nnx.Module):
