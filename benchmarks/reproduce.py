@@ -83,8 +83,11 @@ SELECT_LABEL = {"valid": "the reported file", "generated": "held-out generated"}
 # Symbolic ProsQA (one token per node) on two rungs of the size ladder, every method at one budget per rung; the
 # real-size rung reports prosqa/valid.json, the small rung 300 generated held-out questions. Multiplication: CoT /
 # No-CoT / iCoT-SI on 3x3 (generated held-out questions) and 4x4 (the real file). Token Assorted is left out of
-# the symbolic rungs: its VQ-VAE compresses 16-token CoT chunks and a symbolic CoT has at most 12 tokens.
+# the symbolic rungs: its VQ-VAE compresses 16-token CoT chunks and a symbolic CoT has at most 12 tokens. The
+# symbolic models have smeared keys (session 10: edge lookup learnable in ~10^4 samples, BUILD_NOTES issue 15) and
+# write the path node after node (data.step_separator defaults to none for the symbolic encoding).
 LAB_TASKS = {
+    "sym_tiny": {"data": {"task": "prosqa", "encoding": "symbolic", "rung": "tiny"}, "max_new_tokens": 12},
     "sym_small": {"data": {"task": "prosqa", "encoding": "symbolic", "rung": "small"}, "max_new_tokens": 16},
     "sym_real": {"data": {"task": "prosqa", "encoding": "symbolic"}, "max_new_tokens": 24},
     "mult3": {"data": {"task": "mult3"}, "max_new_tokens": 64},
@@ -94,11 +97,14 @@ LAB_QA = {k: v for k, v in QA_METHODS.items() if k != "token_assorted"}
 LAB_QA.update({m: {**LAB_QA[m], "max_latent_stage": 4, "pad_latent_to_max": True}
                for m in ("coconut", "no_curriculum", "pause_as_thought")})
 LAB_QA["no_thought"] = {**LAB_QA["no_thought"], "max_latent_stage": 4}
+LAB_QA["superposition"] = {"name": "superposition", "max_latent_stage": 4}  # Coconut on BFS frontiers (Zhu et al.)
 _LAB_MODEL = {"family": "gpt2", "size": "small", "overrides": {"n_layers": 2, "d_model": 128, "n_heads": 4,
                                                                "n_kv_heads": 4, "head_dim": 32, "d_ff": 512}}
 _LAB_TRAIN = {"batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "schedule": "cosine", "weight_decay": 0.01,
               "grad_clip": 1.0, "bucket": 16, "length_groups": 8, "seed": 0, "checkpoint_every_steps": 200}
 LAB_BUDGETS = {  # one budget per task: records, epochs (Coconut: epochs_per_stage), max_positions
+    "sym_tiny": {"train_n": 8000, "train": {"epochs": 20, "epochs_per_stage": 4, "batch_size": 32},
+                 "max_positions": 128},
     "sym_small": {"train_n": 16000, "train": {"epochs": 16, "epochs_per_stage": 2}, "max_positions": 256},
     "sym_real": {"train_n": 16000, "train": {"epochs": 16, "epochs_per_stage": 3}, "max_positions": 256},
     "mult3": {"train_n": 8000, "train": {"epochs": 16, "bucket": 16}, "max_positions": 512},
@@ -128,7 +134,8 @@ def lab_config(name: str) -> dict:
     task, method = experiments("lab")[name]
     t, budget = LAB_TASKS[task], LAB_BUDGETS[task]
     symbolic = t["data"].get("encoding") == "symbolic"
-    model = {**_LAB_MODEL, "overrides": {**_LAB_MODEL["overrides"], "max_positions": budget["max_positions"]}}
+    model = {**_LAB_MODEL, "overrides": {**_LAB_MODEL["overrides"], "max_positions": budget["max_positions"],
+                                         **({"smear_keys": True} if symbolic else {})}}
     if not symbolic:
         model["compact_vocab"] = True
     cfg = {"name": f"lab_{name}", "output_dir": f"runs/lab/{name}", "model": model, "method": dict(method),
@@ -228,7 +235,7 @@ def table(profile: str) -> str:
 
 
 LAB_MARK, LAB_README_MARK = "<!-- lab-table -->", "<!-- readme-lab-table -->"
-REPORTED = {"sym_small": "300 generated held-out (rung small)", "sym_real": "prosqa/valid.json (real)",
+REPORTED = {"sym_tiny": "300 generated held-out (rung tiny)", "sym_small": "300 generated held-out (rung small)", "sym_real": "prosqa/valid.json (real)",
             "mult3": "generated held-out (3x3)", "mult4": "4x4_valid.txt (real)"}
 
 

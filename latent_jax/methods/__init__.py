@@ -24,6 +24,7 @@ REGISTRY: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "lt_tuning": ("lt_tuning", "LTTuning", "LTTuningConfig", {}),
     "token_assorted": ("token_assorted", "TokenAssorted", "TokenAssortedConfig", {}),
     "soft_thinking": ("soft_thinking", "SoftThinking", "SoftThinkingConfig", {}),
+    "superposition": ("superposition", "Superposition", "SuperpositionConfig", {}),
 }
 # methods whose module is installed (a partial checkout may lack some)
 METHODS = tuple(n for n, (mod, *_) in REGISTRY.items() if importlib.util.find_spec(f"latent_jax.methods.{mod}"))
