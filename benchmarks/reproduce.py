@@ -235,7 +235,8 @@ def table(profile: str) -> str:
 
 
 LAB_MARK, LAB_README_MARK = "<!-- lab-table -->", "<!-- readme-lab-table -->"
-REPORTED = {"sym_tiny": "300 generated held-out (rung tiny)", "sym_small": "300 generated held-out (rung small)", "sym_real": "prosqa/valid.json (real)",
+REPORTED = {"sym_tiny": "300 generated held-out (rung tiny)", "sym_small": "300 generated held-out (rung small)",
+            "sym_real": "prosqa/valid.json (real)",
             "mult3": "generated held-out (3x3)", "mult4": "4x4_valid.txt (real)"}
 
 

@@ -79,7 +79,7 @@ class Superposition(Method):
         self.tok, self.cfg = tokenizer, cfg
         self.special_tokens = (LATENT,)
         self.ids = dict(zip(self.special_tokens, tokenizer.add_special_tokens(list(self.special_tokens))))
-        self._nodes: dict[tuple[str, int], int] = {}
+        self._nodes: dict[str, list[int]] = {}
 
     @property
     def max_latent_stage(self) -> int | None:
@@ -94,31 +94,34 @@ class Superposition(Method):
     def init_token_id(self) -> int:
         return first_token_id(self.tok, self.cfg.init_token)
 
-    def frontier_node(self, record: dict[str, Any], stage: int) -> int:
-        """The token id the thought of `stage` is asked for (cached per question and stage)."""
-        key = (record["question"], stage)
-        if key not in self._nodes:
+    def frontier_ids(self, record: dict[str, Any]) -> list[int]:
+        """The token id each thought is asked for, per stage (the graph searched once per question, then cached)."""
+        q = record["question"]
+        if q not in self._nodes:
             if not all(f in record for f in ("idx_to_symbol", "edges", "root", "target")):
                 raise ValueError("superposition trains on ProsQA graphs: set data.encoding=symbolic (the record has"
                                  " no graph fields)")
-            nodes = frontiers(record, self.cfg.frontier)[stage] or [record["steps"][stage]]
-            h = int.from_bytes(hashlib.sha256(f"{record['question']}\x1f{stage}".encode()).digest()[:8], "little")
-            ids = self.tok.encode(nodes[h % len(nodes)])
-            if len(ids) != 1:
-                raise ValueError(f"node {nodes[h % len(nodes)]!r} is not one token: superposition needs"
-                                 " data.encoding=symbolic")
-            self._nodes[key] = ids[0]
-        return self._nodes[key]
+            ids = []
+            for stage, nodes in enumerate(frontiers(record, self.cfg.frontier)):
+                nodes = nodes or [record["steps"][stage]]
+                h = int.from_bytes(hashlib.sha256(f"{q}\x1f{stage}".encode()).digest()[:8], "little")
+                node = self.tok.encode(nodes[h % len(nodes)])
+                if len(node) != 1:
+                    raise ValueError(f"node {nodes[h % len(nodes)]!r} is not one token: superposition needs"
+                                     " data.encoding=symbolic")
+                ids.append(node[0])
+            self._nodes[q] = ids
+        return self._nodes[q]
 
     def encode(self, record: dict[str, Any], stage: int) -> Example:
         t = self.record_tokens(record)
         q, n = t.question, len(t.steps)
         if stage < n and stage <= self.cfg.max_latent_stage and not self.cfg.dense:
-            v = self.frontier_node(record, stage)
+            v = self.frontier_ids(record)[stage]
             return Example(q + [self.ids[LATENT]] * stage + [v], [IGNORE] * (len(q) + stage) + [v],
                            latent_start=len(q), n_latent=stage)
         tokens = q + [self.ids[LATENT]] * n + t.answer
-        thoughts = [self.frontier_node(record, k) for k in range(n)] if self.cfg.dense else [IGNORE] * n
+        thoughts = self.frontier_ids(record) if self.cfg.dense else [IGNORE] * n
         return Example(tokens, [IGNORE] * len(q) + thoughts + t.answer, latent_start=len(q), n_latent=n)
 
     def prompt(self, record: dict[str, Any], stage: int) -> Prompt:
