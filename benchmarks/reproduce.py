@@ -106,7 +106,7 @@ LAB_BUDGETS = {  # one budget per task: records, epochs (Coconut: epochs_per_sta
     "sym_tiny": {"train_n": 8000, "train": {"epochs": 20, "epochs_per_stage": 4, "batch_size": 32},
                  "max_positions": 128},
     "sym_small": {"train_n": 16000, "train": {"epochs": 16, "epochs_per_stage": 2}, "max_positions": 256},
-    "sym_real": {"train_n": 16000, "train": {"epochs": 16, "epochs_per_stage": 3}, "max_positions": 256},
+    "sym_real": {"train_n": 16000, "train": {"epochs": 18, "epochs_per_stage": 3}, "max_positions": 256},
     "mult3": {"train_n": 8000, "train": {"epochs": 16, "bucket": 16}, "max_positions": 512},
     "mult4": {"train_n": 16000, "train": {"epochs": 16, "bucket": 16}, "max_positions": 512},
 }
