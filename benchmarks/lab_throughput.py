@@ -121,7 +121,7 @@ def main(argv=None):
     out["bucketing"] = pad_rows
 
     tcfg = TrainConfig.from_dict({**{k: v for k, v in t.items() if k not in ("epochs",)}, "epochs": 1,
-                                  "output_dir": None, "progress": False, "max_latent_stage": 0})
+                                  "output_dir": None, "progress": False})
     seen = []
     t0 = time.perf_counter()
     train(method, train_records, graphdef, params, tcfg, on_step=lambda r: seen.append((time.perf_counter(), r)))

@@ -145,6 +145,15 @@ def lab_config(name: str) -> dict:
            "eval": {"batch_size": 300 if symbolic else 100, "max_new_tokens": t["max_new_tokens"]}}
     if not symbolic:
         cfg["tokenizer"] = "gpt2"
+    return _curriculum_to_method(cfg)
+
+
+def _curriculum_to_method(cfg: dict) -> dict:
+    """The budget's `epochs_per_stage` is the method's curriculum (`method.epochs_per_stage`)."""
+    train = dict(cfg["train"])
+    if "epochs_per_stage" in train:
+        cfg["method"] = {**cfg["method"], "epochs_per_stage": train.pop("epochs_per_stage")}
+        cfg["train"] = train
     return cfg
 
 
@@ -154,12 +163,13 @@ def config_for(name: str, profile: str) -> dict:
     task, method = experiments()[name]
     prof = PROFILES[profile]
     budget = TASK_BUDGETS[profile].get(task, {})
-    return {"name": f"repro_{name}", "output_dir": f"runs/repro/{profile}/{name}", "tokenizer": "gpt2",
+    return _curriculum_to_method({
+            "name": f"repro_{name}", "output_dir": f"runs/repro/{profile}/{name}", "tokenizer": "gpt2",
             "model": prof["model"], "method": dict(method),
             "data": {"task": task, "train_source": "generated", "train_n": budget.get("train_n", prof["train_n"]),
                      "seed": 0, "select": "generated"},
             "train": {**prof["train"], **budget.get("train", {})},
-            "eval": {"batch_size": 100, "max_new_tokens": TASKS[task]["max_new_tokens"]}}
+            "eval": {"batch_size": 100, "max_new_tokens": TASKS[task]["max_new_tokens"]}})
 
 
 def config_dir(profile: str) -> pathlib.Path:
@@ -199,7 +209,7 @@ def run_one(name: str, profile: str, fresh: bool = False, single_thread: bool = 
         shutil.rmtree(REPO / cfg["output_dir"], ignore_errors=True)
     cmd = [sys.executable, "-m", "latent_jax", "train", str((config_dir(profile) / f"{name}.yaml").relative_to(REPO))]
     if profile == "gpu":
-        cmd += overrides({k: cfg[k] for k in ("output_dir", "model", "data", "train")})
+        cmd += overrides({k: cfg[k] for k in ("output_dir", "model", "method", "data", "train")})
     t0 = time.time()
     env = None
     if single_thread:

@@ -70,7 +70,6 @@ def load_config(path_or_name: str | None, overrides: list[str] = ()) -> dict[str
             cfg[k] = v
     from latent_jax.methods import method_config
 
-    method_config(cfg["method"].get("name", "coconut"), **{k: v for k, v in cfg["method"].items() if k != "name"})
     if cfg["compare"] is not None:
         if not (isinstance(cfg["compare"], list) and cfg["compare"]):
             raise ValueError("compare must be a non-empty list of method sections, e.g. [{name: no_cot}, {name: cot}]")
@@ -79,11 +78,39 @@ def load_config(path_or_name: str | None, overrides: list[str] = ()) -> dict[str
                 entry = cfg["compare"][i] = {"name": entry}
             if not isinstance(entry, dict) or "name" not in entry:
                 raise ValueError(f"compare[{i}] must be a method name or a mapping with a 'name', got {entry!r}")
-            method_config(entry["name"], **{k: v for k, v in entry.items() if k != "name"})
+    _move_curriculum_keys(cfg)
+    for section in [cfg["method"], *(cfg["compare"] or [])]:
+        method_config(section.get("name", "coconut"), **{k: v for k, v in section.items() if k != "name"})
     _check_model_and_eval(cfg)
     cfg["name"] = cfg["name"] or (pathlib.Path(path_or_name).stem if path_or_name else "run")
     cfg["output_dir"] = cfg["output_dir"] or f"runs/{cfg['name']}"
     return cfg
+
+
+def _move_curriculum_keys(cfg: dict) -> None:
+    """Configs written before the curriculum became the method's (`train.epochs_per_stage`, `train.uniform_prob`,
+    `train.reset_optimizer`, `train.max_latent_stage`) still load: each key moves to the method section (and every
+    `compare` entry) that does not set it, with a DeprecationWarning. `max_latent_stage` goes only to a method that
+    has one and must agree with it."""
+    import warnings
+
+    from latent_jax.methods import method_options
+    from latent_jax.curriculum import MOVED_TO_METHOD
+
+    moved = {k: cfg["train"].pop(k) for k in MOVED_TO_METHOD if k in cfg["train"]}
+    if not moved:
+        return
+    warnings.warn(f"train.{', train.'.join(moved)}: the curriculum is the method's now; write "
+                  f"method.{', method.'.join(moved)} (moved for this run)", DeprecationWarning, stacklevel=3)
+    for section in [cfg["method"], *(cfg["compare"] or [])]:
+        name = section.get("name", "coconut")
+        for k, v in moved.items():
+            if k != "max_latent_stage":
+                section.setdefault(k, v)
+            elif k in method_options(name):
+                if section.setdefault(k, v) != v:
+                    raise ValueError(f"train.max_latent_stage={v} differs from method.max_latent_stage={section[k]}"
+                                     f" ({name})")
 
 
 def _check_model_and_eval(cfg: dict) -> None:
@@ -326,14 +353,7 @@ def _run_train(cfg: dict, progress: bool, fresh: bool, t0: float) -> dict:
     if fresh and (out / "train").exists():
         shutil.rmtree(out / "train")
     train_records, valid_records, select_records, (tok, method, mcfg, graphdef, params) = _records_and_build(cfg)
-    tcfg = {"output_dir": str(out / "train"), **cfg["train"]}
-    m = method.max_latent_stage
-    if m is not None:  # the curriculum's last latent stage: the method's setting decides the trainer's
-        tcfg.setdefault("max_latent_stage", m)
-        if tcfg["max_latent_stage"] != m:
-            raise ValueError(f"train.max_latent_stage={tcfg['max_latent_stage']} differs from"
-                             f" method.max_latent_stage={m}")
-    tcfg = TrainConfig.from_dict(tcfg)
+    tcfg = TrainConfig.from_dict({"output_dir": str(out / "train"), **cfg["train"]})
     ev = cfg["eval"]
 
     def eval_fn(g, p, stage):  # keep-best and the per-epoch history: on the selection records

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from latent_jax.curriculum import Curriculum
 from latent_jax.config import ModelConfig, RopeScaling
 from latent_jax.layout import IGNORE, Example, Prompt, collate
 from latent_jax.methods.base import Method
@@ -130,8 +131,10 @@ class ToyMethod(Method):
     name = "toy"
     special_tokens = ()
 
-    def __init__(self, c: int = 1, max_latent_stage: int = 1):
+    def __init__(self, c: int = 1, max_latent_stage: int = 1, **curriculum):
+        """curriculum: `Curriculum` fields (epochs_per_stage, uniform_prob, reset_optimizer)."""
         self.c, self.max_latent_stage = c, max_latent_stage
+        self.curriculum = Curriculum(**curriculum)
 
     def num_stages(self) -> int:
         return self.max_latent_stage + 1
@@ -170,6 +173,13 @@ def quiet(**kw):
     from latent_jax.train.trainer import TrainConfig
 
     return TrainConfig(**{"progress": False, "bucket": 16, **kw})
+
+
+def with_curriculum(method: Method, **curriculum) -> Method:
+    """`method` with `method.curriculum = Curriculum(**curriculum)` (what `build_method` does from a config's
+    method section); returns it."""
+    method.curriculum = Curriculum(**curriculum)
+    return method
 
 
 def make_batch(rng, vocab, specs, latent_id=7):

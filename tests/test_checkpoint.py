@@ -44,8 +44,7 @@ def run_toy(out: str, kill_at: int = -1) -> None:
 
     print("RESUME_FROM", Checkpointer(out + "/checkpoints").latest_step(), flush=True)
     graphdef, params = init_model(tiny_config("gpt2", embd_dropout=0.1, resid_dropout=0.1, attn_dropout=0.1), seed=0)
-    cfg = TrainConfig(epochs=2, epochs_per_stage=1, max_latent_stage=1, uniform_prob=0.3, batch_size=4, lr=3e-3,
-                      schedule="cosine", warmup_steps=2, bucket=16, checkpoint_every_steps=2, output_dir=out,
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=3e-3, schedule="cosine", warmup_steps=2, bucket=16, checkpoint_every_steps=2, output_dir=out,
                       progress=False)
 
     def on_step(rec):
@@ -56,7 +55,8 @@ def run_toy(out: str, kill_at: int = -1) -> None:
     def eval_fn(g, p, stage):
         return {"accuracy": sum(float(np.abs(np.asarray(x, np.float64)).mean()) for x in jax.tree.leaves(p))}
 
-    r = train(ToyMethod(), toy_records(10), graphdef, params, cfg, eval_fn=eval_fn, on_step=on_step)
+    method = ToyMethod(max_latent_stage=1, epochs_per_stage=1, uniform_prob=0.3)
+    r = train(method, toy_records(10), graphdef, params, cfg, eval_fn=eval_fn, on_step=on_step)
     summary = {"history": r.history, "best": r.best_accuracy, "step": r.step,
                "params": [float(np.asarray(x, np.float64).sum()) for x in jax.tree.leaves(r.params)],
                "best_params": [float(np.asarray(x, np.float64).sum()) for x in jax.tree.leaves(r.best_params)]}

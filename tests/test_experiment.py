@@ -19,12 +19,11 @@ def test_configs_exist_for_every_method():
 def test_config_loads_and_builds_method(name):
     cfg = load_config(name)
     from latent_jax.train.trainer import TrainConfig
-    TrainConfig.from_dict({"output_dir": "/tmp/x", **cfg["train"],
-                           **({"max_latent_stage": cfg["method"]["max_latent_stage"]}
-                              if "max_latent_stage" in cfg["method"] else {})})
+    TrainConfig.from_dict({"output_dir": "/tmp/x", **cfg["train"]})
     options = {k: v for k, v in cfg["method"].items() if k != "name"}
     m = build_method(cfg["method"]["name"], load_tokenizer("gpt2"), **options)
-    built = json.loads(json.dumps(dataclasses.asdict(m.cfg)))  # lists and tuples compare alike
+    # lists and tuples compare alike; the curriculum keys land in `m.curriculum`, the rest in `m.cfg`
+    built = json.loads(json.dumps({**dataclasses.asdict(m.cfg), **dataclasses.asdict(m.curriculum)}))
     assert m.name == cfg["method"]["name"] and isinstance(m, Method)
     assert _given(json.loads(json.dumps(options)), built)  # every YAML option reached the method's config
 
@@ -169,3 +168,28 @@ def test_keep_best_selects_on_the_configured_records(tmp_path, monkeypatch, sele
     from latent_jax.compact_vocab import load_any_tokenizer
     folder = run_export(cfg, str(tmp_path / "run" / "train" / "checkpoints"), str(tmp_path / "exp"))
     assert load_any_tokenizer(folder).vocab_size == load_any_tokenizer(tmp_path / "run" / "export").vocab_size
+
+
+def test_curriculum_is_the_methods_and_old_train_keys_still_load(tmp_path):
+    """The curriculum lives in the method section (`method.epochs_per_stage`, ...); a config written when it was
+    `train.*` loads to the same config, with a DeprecationWarning; a conflicting max_latent_stage is refused."""
+    body = ("model: {{family: gpt2, size: small}}\ndata: {{task: prosqa}}\n"
+            "method: {{name: coconut, max_latent_stage: 3{m}}}\ntrain: {{epochs: 4{t}}}\n")
+    (tmp_path / "new.yaml").write_text(body.format(m=", epochs_per_stage: 2, uniform_prob: 0.1", t=""))
+    (tmp_path / "old.yaml").write_text(body.format(m="", t=", epochs_per_stage: 2, uniform_prob: 0.1"))
+    new = load_config(str(tmp_path / "new.yaml"))
+    with pytest.warns(DeprecationWarning, match=r"train.epochs_per_stage, train.uniform_prob: .*method"):
+        old = load_config(str(tmp_path / "old.yaml"))
+    assert {**old, "name": "new", "output_dir": "runs/new"} == new and new["train"] == {"epochs": 4}
+    m = build_method("coconut", load_tokenizer("gpt2"), **{k: v for k, v in new["method"].items() if k != "name"})
+    assert (m.curriculum.epochs_per_stage, m.curriculum.uniform_prob) == (2, 0.1)
+    assert [m.stage_at(e, 0, 10) for e in range(10)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]  # max_latent_stage 3
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="train.max_latent_stage=5 differs"):
+        load_config(str(tmp_path / "new.yaml"), ["train.max_latent_stage=5"])
+    with pytest.raises(ValueError, match="method.reset_optimizer='sometimes' is invalid"):
+        load_config(str(tmp_path / "new.yaml"), ["method.reset_optimizer=sometimes"])
+    with pytest.raises(ValueError, match="method.epochs_per_stage=None is invalid"):
+        load_config(str(tmp_path / "new.yaml"), ["method.epochs_per_stage=null"])
+    with pytest.warns(DeprecationWarning):  # every compare entry gets the moved key
+        cmp = load_config("prosqa_symbolic_cpu", ["train.epochs_per_stage=2"])
+    assert [e["epochs_per_stage"] for e in cmp["compare"]] == [2, 2, 2]

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from latent_jax.curriculum import Curriculum
 from latent_jax.train.checkpoint import Checkpointer
-from latent_jax.train.pipeline import Placement, epoch_dataset, epoch_iterator, pad_batch, scheduled_stage
+from latent_jax.train.pipeline import Placement, epoch_dataset, epoch_iterator, pad_batch
 from latent_jax.latent import loss_fn
 from latent_jax.layout import IGNORE, collate
 from latent_jax.methods.base import uniform_example_stage as example_stage
@@ -24,21 +25,34 @@ def model():
 
 
 def test_config_validation_and_from_dict():
-    for bad in [dict(epochs=0), dict(uniform_prob=1.5), dict(schedule="step"), dict(reset_optimizer="always"),
-                dict(grad_clip=0.0), dict(lr=-1.0), dict(batch_size=0), dict(grad_accum=0), dict(lr="fast"),
+    for bad in [dict(epochs=0), dict(schedule="step"), dict(grad_clip=0.0), dict(lr=-1.0), dict(batch_size=0), dict(grad_accum=0), dict(lr="fast"),
                 dict(checkpoint_every_steps=0), dict(max_len=1), dict(epochs=2.5)]:
         with pytest.raises(ValueError, match="TrainConfig." + next(iter(bad))):
             TrainConfig(**bad)
     with pytest.raises(ValueError, match=r"unknown train config key.*'lrr'.*valid:.*'lr'"):
         TrainConfig.from_dict({"lrr": 1e-3})
     cfg = TrainConfig.from_dict({"lr": "1e-4", "output_dir": "/tmp/x", "grad_clip": 1})
-    assert cfg.lr == 1e-4 and cfg.grad_clip == 1.0 and cfg.reset_optimizer == "stage" and cfg.weight_decay == 0.01
+    assert cfg.lr == 1e-4 and cfg.grad_clip == 1.0 and cfg.weight_decay == 0.01
+    with pytest.raises(ValueError, match=r"train.epochs_per_stage is the method's now: set method.epochs_per_stage"):
+        TrainConfig.from_dict({"epochs_per_stage": 2})
+
+
+def test_curriculum_validation_and_split():
+    for bad in [dict(uniform_prob=1.5), dict(reset_optimizer="always"), dict(epochs_per_stage=0),
+                dict(epochs_per_stage=1.5)]:
+        with pytest.raises(ValueError, match="method." + next(iter(bad))):
+            Curriculum(**bad)
+    cur, own = Curriculum.split({"epochs_per_stage": 3, "c_thought": 2, "uniform_prob": "0.25"})
+    assert cur == Curriculum(3, 0.25, "stage") and own == {"c_thought": 2}
+    assert Curriculum().reset_optimizer == "stage"
 
 
 def test_stage_schedule_and_lr():
-    cfg = TrainConfig(epochs=10, epochs_per_stage=2, max_latent_stage=2)
-    assert [cfg.stage(e) for e in range(10)] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3] == \
-        [scheduled_stage(e, 2, 2) for e in range(10)]
+    cur = Curriculum(epochs_per_stage=2)
+    assert [cur.stage(e, 2) for e in range(10)] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
+    assert [cur.stage(e, None) for e in range(4)] == [0, 0, 1, 1]  # no max_latent_stage: counts as 0
+    m = ToyMethod(max_latent_stage=2, epochs_per_stage=2)
+    assert [m.stage_at(e, 0, 5) for e in range(10)] == [cur.stage(e, 2) for e in range(10)]
     c = TrainConfig(lr=1.0, warmup_steps=2, schedule="cosine")
     assert [round(c.lr_at(s, 12), 6) for s in (0, 1, 2, 7, 12)] == [0.5, 1.0, 1.0, 0.5, 0.0]
     assert TrainConfig(lr=1.0, schedule="linear").lr_at(5, 10) == 0.5 and TrainConfig(lr=2.0).lr_at(99, 10) == 2.0
@@ -154,8 +168,8 @@ def test_micro_batch_normalization_is_the_mean_of_micro_batch_means(model):
 def test_optimizer_reset(model, policy, epochs_per_stage, expected_count):
     """2 epochs x 2 steps: AdamW's count (and moments) restart when the policy says so."""
     graphdef, params = model
-    r = train(ToyMethod(), toy_records(8), graphdef, params,
-              quiet(epochs=2, epochs_per_stage=epochs_per_stage, batch_size=4, reset_optimizer=policy))
+    r = train(ToyMethod(epochs_per_stage=epochs_per_stage, reset_optimizer=policy), toy_records(8), graphdef,
+              params, quiet(epochs=2, batch_size=4))
     adam = r.opt_state[0]
     assert r.step == 4 and int(adam.count) == expected_count
 
@@ -164,8 +178,8 @@ def test_stage_reset_needs_stages(model):
     """A method with one stage and no schedule (CoT, No-CoT, Pause) keeps its AdamW state across epochs even
     though the scheduled stage number grows (reset_optimizer "stage")."""
     graphdef, params = model
-    r = train(ToyMethod(max_latent_stage=0), toy_records(8), graphdef, params,
-              quiet(epochs=2, epochs_per_stage=1, max_latent_stage=1, batch_size=4, reset_optimizer="stage"))
+    r = train(ToyMethod(max_latent_stage=0, reset_optimizer="stage"), toy_records(8), graphdef, params,
+              quiet(epochs=2, batch_size=4))
     assert r.step == 4 and int(r.opt_state[0].count) == 4
 
 
@@ -178,7 +192,7 @@ def test_keep_best_prefers_the_later_epoch_on_ties(model, accs, best_epoch):
         seen.append(jax.tree.map(np.asarray, p))
         return {"accuracy": accs[len(seen) - 1]}
     r = train(ToyMethod(), toy_records(4), graphdef, params,
-              quiet(epochs=3, epochs_per_stage=1, batch_size=4, lr=1e-2), eval_fn=eval_fn)
+              quiet(epochs=3, batch_size=4, lr=1e-2), eval_fn=eval_fn)
     assert r.best_accuracy == max(accs) and len(seen) == 3
     for a, b in zip(jax.tree.leaves(r.best_params), jax.tree.leaves(seen[best_epoch])):
         np.testing.assert_array_equal(np.asarray(a), b)
@@ -196,7 +210,7 @@ def test_keep_best_only_among_eligible_stages(model):
         m = Late()
         m.need = need
         accs = iter((0.9, 0.1, 0.2))
-        r = train(m, toy_records(4), graphdef, params, quiet(epochs=3, epochs_per_stage=1, batch_size=4),
+        r = train(m, toy_records(4), graphdef, params, quiet(epochs=3, batch_size=4),
                   eval_fn=lambda g, p, stage: {"accuracy": next(accs)})
         assert r.best_accuracy == want and (r.best_params is None) == (want is None)
 
@@ -204,8 +218,8 @@ def test_keep_best_only_among_eligible_stages(model):
 def test_training_reduces_loss(model):
     """batch_size 8: data parallel over the 8 CPU devices (params replicated, batch split)."""
     graphdef, params = model
-    r = train(ToyMethod(), toy_records(8), graphdef, params,
-              quiet(epochs=16, epochs_per_stage=100, batch_size=8, lr=1e-2))
+    r = train(ToyMethod(epochs_per_stage=100), toy_records(8), graphdef, params,
+              quiet(epochs=16, batch_size=8, lr=1e-2))
     losses = [h["train_loss"] for h in r.history]
     assert len(jax.tree.leaves(r.params)[0].sharding.device_set) == jax.device_count() == 8
     assert losses[-1] < 0.5 * losses[0], losses
@@ -231,8 +245,8 @@ def test_nan_stops_and_keeps_last_good_checkpoint(model, tmp_path):
 class HookMethod(ToyMethod):
     """Uses the optional Method hooks: a per-step schedule, per-stage loss, on_stage_start and checkpointed state."""
 
-    def __init__(self):
-        super().__init__(max_latent_stage=3)
+    def __init__(self, **curriculum):
+        super().__init__(max_latent_stage=3, **curriculum)
         self.started, self.loss_stages, self.restored = [], [], None
 
     def schedule(self, epoch, step, steps_per_epoch):  # the stage grows every 2 optimizer steps
@@ -259,12 +273,12 @@ def test_method_hooks(model, tmp_path, policy, expected_count):
     batches are encoded at their step's stage, on_stage_start runs before epochs that begin a new stage, and the
     method state is saved in checkpoints and handed back on resume."""
     graphdef, params = model
-    m, seen = HookMethod(), []
-    cfg = quiet(epochs=2, batch_size=2, reset_optimizer=policy, output_dir=str(tmp_path))
+    m, seen = HookMethod(reset_optimizer=policy), []
+    cfg = quiet(epochs=2, batch_size=2, output_dir=str(tmp_path))
     r = train(m, toy_records(8), graphdef, params, cfg, on_step=lambda rec: seen.append(rec["stage"]))
     assert seen == [0, 0, 1, 1, 2, 2, 3, 3] == m.loss_stages
     assert int(r.opt_state[0].count) == expected_count and m.started == [0, 2]
-    m2 = HookMethod()
+    m2 = HookMethod(reset_optimizer=policy)
     r2 = train(m2, toy_records(8), graphdef, params, cfg)  # finished run: restores the final state
     assert m2.restored == {"started": [0, 2]} and m2.started == [] and r2.step == 8
 

@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 from typing import Any
 
+from latent_jax.curriculum import CURRICULUM_KEYS, Curriculum
 from latent_jax.layout import IGNORE, Batch, Example, Prompt, collate
 from latent_jax.methods.base import Method
 from latent_jax.methods.coconut import Coconut, CoconutConfig
@@ -59,13 +60,22 @@ def _classes(name: str):
     return getattr(mod, cls), getattr(mod, cfg_cls), fixed
 
 
-def method_config(name: str, **options: Any):
-    """The validated config dataclass of method `name`. Unknown options or impossible values -> ValueError."""
+def method_options(name: str) -> set[str]:
+    """The option names a method section of method `name` accepts: its config's fields (less those its name fixes)
+    and the curriculum's keys."""
     _, cfg_cls, fixed = _classes(name)
+    return set(cfg_cls.__dataclass_fields__) - set(fixed) | set(CURRICULUM_KEYS)
+
+
+def method_config(name: str, **options: Any):
+    """The validated config dataclass of method `name` (the curriculum keys `CURRICULUM_KEYS` are checked and set
+    aside: `Method.curriculum` holds them). Unknown options or impossible values -> ValueError."""
+    _, cfg_cls, fixed = _classes(name)
+    _, options = Curriculum.split(options)
     fields = set(cfg_cls.__dataclass_fields__) - set(fixed)
     unknown = sorted(set(options) - fields)
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {name!r}; valid: {sorted(fields)}")
+        raise ValueError(f"unknown option(s) {unknown} for method {name!r}; valid: {sorted(method_options(name))}")
     try:
         return cfg_cls(**fixed, **options)
     except TypeError as e:  # e.g. a list where a number is expected
@@ -73,9 +83,13 @@ def method_config(name: str, **options: Any):
 
 
 def build_method(name: str, tokenizer: Tokenizer, **options: Any):
-    """Build a method; its special tokens are added to `tokenizer`. Unknown names/options -> ValueError."""
+    """Build a method; its special tokens are added to `tokenizer`; the curriculum keys (epochs_per_stage,
+    uniform_prob, reset_optimizer) become its `curriculum`. Unknown names/options -> ValueError."""
     cls, _, _ = _classes(name)
-    return cls(tokenizer, method_config(name, **options))
+    curriculum, own = Curriculum.split(options)
+    method = cls(tokenizer, method_config(name, **own))
+    method.curriculum = curriculum
+    return method
 
 
 def prepare_model(method, model_cfg, graphdef, params):
@@ -88,6 +102,6 @@ def prepare_model(method, model_cfg, graphdef, params):
     return resize_vocab(model_cfg, params, method.tok.vocab_size, init_from=method.init_token_id())
 
 
-__all__ = ["IGNORE", "Batch", "Example", "Method", "Prompt", "collate", "Coconut", "CoconutConfig", "Pause",
-           "PauseConfig", "METHODS", "REGISTRY", "available_methods", "build_method", "method_config", "prepare_model",
-           "register_method"]
+__all__ = ["CURRICULUM_KEYS", "Curriculum", "IGNORE", "Batch", "Example", "Method", "Prompt", "collate", "Coconut",
+           "CoconutConfig", "Pause", "PauseConfig", "METHODS", "REGISTRY", "available_methods", "build_method", "method_config",
+           "method_options", "prepare_model", "register_method"]

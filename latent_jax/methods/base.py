@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from latent_jax.curriculum import Curriculum
 from latent_jax.data.records import validate_record
 from latent_jax.layout import IGNORE, Batch, Example, Prompt, collate, round_up  # noqa: F401 (re-exported)
 
@@ -76,10 +77,12 @@ class Method:
       special_tokens       tokens it adds to the tokenizer (default none)
       uses_hidden_thoughts thoughts are final hidden states fed back (Coconut): `latent-jax analyze` applies
       thoughts_per_step    continuous thoughts per replaced reasoning step (Coconut's c_thought; default 1)
-      max_latent_stage     the last latent stage of a Coconut-style curriculum, which sets the trainer's
-                           (`train.max_latent_stage`); None (default): the method has no such curriculum
+      max_latent_stage     the last latent stage of a Coconut-style curriculum; None (default): the method has
+                           no such curriculum (its scheduled stage then goes 0, 1 and stays there)
+      curriculum           `latent_jax.curriculum.Curriculum` (epochs_per_stage, uniform_prob, reset_optimizer):
+                           set by `build_method` from the method section's curriculum keys; default Curriculum()
     Required: `encode`, `prompt`. Hooks with defaults (override what the method needs):
-      num_stages, init_token_id, schedule, example_stage, collate, loss_for_stage, on_stage_start,
+      num_stages, init_token_id, schedule (-> stage_at), example_stage, collate, loss_for_stage, on_stage_start,
       get_state / set_state, prepare_data, generate, eligible_for_best, stage_note. Shared helper:
       `record_tokens(record)` (question / steps / answer token ids, the layout every reference uses).
     """
@@ -89,6 +92,7 @@ class Method:
     uses_hidden_thoughts: bool = False
     thoughts_per_step: int = 1
     max_latent_stage: int | None = None
+    curriculum: Curriculum = Curriculum()
     tok: Any = None
     cfg: Any = None
 
@@ -113,16 +117,23 @@ class Method:
         return 1
 
     def schedule(self, epoch: int, step: int, steps_per_epoch: int) -> int | None:
-        """The stage of optimizer step `step` (0-based within `epoch`), or None (the default): the trainer's
-        curriculum, `TrainConfig.stage(epoch)` (epochs_per_stage, max_latent_stage). A method with its own
-        schedule (iCoT-SI's removal count, LT-Tuning's stages) returns an int for every step; the trainer then
-        resets the optimizer where the stage changes (`train.reset_optimizer: stage`)."""
+        """The stage of optimizer step `step` (0-based within `epoch`) for a method with a schedule of its own
+        (iCoT-SI's removal count, LT-Tuning's stages): an int for every step. None (the default): the curriculum's
+        Coconut schedule (`stage_at`)."""
         return None
+
+    def stage_at(self, epoch: int, step: int, steps_per_epoch: int) -> int:
+        """The stage the trainer trains optimizer step `step` of `epoch` at: `schedule`, else
+        `curriculum.stage(epoch, max_latent_stage)` (epoch // epochs_per_stage, capped at max_latent_stage + 1). The
+        trainer resets the optimizer where it changes (`reset_optimizer: stage`), for a method that has stages."""
+        s = self.schedule(epoch, step, steps_per_epoch)
+        return self.curriculum.stage(epoch, self.max_latent_stage) if s is None else s
 
     def example_stage(self, record: dict[str, Any], index: int, epoch: int, stage: int, seed: int,
                       uniform_prob: float) -> int:
-        """The stage one training example is encoded at, deterministic in its arguments. Default: `stage`, or
-        with probability `uniform_prob` a uniform draw over 0..len(steps) (`uniform_example_stage`)."""
+        """The stage one training example is encoded at, deterministic in its arguments (the pipeline passes
+        `curriculum.uniform_prob`). Default: `stage`, or with probability `uniform_prob` a uniform draw over
+        0..len(steps) (`uniform_example_stage`)."""
         return uniform_example_stage(record, index, epoch, stage, seed, uniform_prob)
 
     def eligible_for_best(self, stage: int) -> bool:

@@ -150,7 +150,7 @@ class ICoTSI(Method):
                       uniform_prob: float) -> int:
         """Tokens removed from this example: all once the count reached remove_all_beyond, else count + o."""
         if uniform_prob > 0:
-            raise ValueError("icot_si has no uniform stage mixing: set train.uniform_prob to 0")
+            raise ValueError("icot_si has no uniform stage mixing: set method.uniform_prob to 0")
         K = self.cfg.remove_all_beyond
         if K is not None and stage >= K:
             return REMOVE_ALL

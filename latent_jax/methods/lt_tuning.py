@@ -1,7 +1,8 @@
 """LT-Tuning — Latent Thoughts Tuning (arXiv 2602.10229): a `<thinking>` token the model learns to emit; at a
 `<thinking>` position the input is a continuous vector (Context-Prediction Fusion, `lt_fusion.fuse`).
 
-Stages (`schedule`: stage = min(epoch // epochs_per_stage, 2)):
+Stages (`schedule`: stage = min(epoch // epochs_per_stage, 2); epochs_per_stage is the curriculum's,
+`method.epochs_per_stage`):
   0  explicit CoT SFT:            question\\n step_1\\n ... ### answer <eos>
   1  thoughts = raw hidden state:  the same text with `<thinking>` (x1 or x2) inserted before low-confidence tokens
   2  thoughts = fusion vectors:    alpha[2] * h + (1 - alpha[2]) * p @ E_in, new insertion plan
@@ -52,7 +53,6 @@ class LTTuningConfig:
     """alpha[s]: fusion weight of h at stage s (reference 0.5, 0.5, 0.6; stage 0 has no thoughts). Stage 1 feeds the
     raw hidden state (alpha = 1) unless `stage1_raw_hidden` is False. Generation always uses alpha[2]."""
 
-    epochs_per_stage: int = 1
     alpha: tuple = (0.5, 0.5, 0.6)
     stage1_raw_hidden: bool = True
     temperature: float = 1.0
@@ -75,7 +75,6 @@ class LTTuningConfig:
         check_rules(self, "LTTuningConfig", [
             ("temperature", isinstance(self.temperature, (int, float)) and self.temperature > 0, "> 0"),
             ("top_p", isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "in (0, 1]"),
-            ("epochs_per_stage", _int(self.epochs_per_stage) and self.epochs_per_stage >= 1, "an integer >= 1"),
             ("tokens_per_stage", _int(self.tokens_per_stage) and self.tokens_per_stage >= 0, "an integer >= 0"),
             ("max_consecutive", _int(self.max_consecutive) and self.max_consecutive >= 1, "an integer >= 1"),
             ("think_bucket", _int(self.think_bucket) and self.think_bucket >= 1, "an integer >= 1"),
@@ -127,7 +126,7 @@ class LTTuning(Method):
         return N_STAGES
 
     def schedule(self, epoch: int, step: int, steps_per_epoch: int) -> int:
-        return min(epoch // self.cfg.epochs_per_stage, N_STAGES - 1)
+        return min(epoch // self.curriculum.epochs_per_stage, N_STAGES - 1)
 
     def example_stage(self, record, index, epoch, stage, seed, uniform_prob) -> int:
         return stage  # no per-example stage mixing: the plan exists for the current stage only

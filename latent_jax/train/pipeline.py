@@ -36,12 +36,6 @@ if TYPE_CHECKING:  # annotations only: the pipeline calls methods through the ba
     from latent_jax.methods.base import Method
 
 
-def scheduled_stage(epoch: int, epochs_per_stage: int, max_latent_stage: int) -> int:
-    """Coconut curriculum: epoch // epochs_per_stage, capped at max_latent_stage + 1 = the final stage (all
-    reasoning steps removed; the reference treats every stage > max_latent_stage that way)."""
-    return min(epoch // epochs_per_stage, max_latent_stage + 1)
-
-
 def pad_id_of(method: Method) -> int:
     """The pad token of the method's tokenizer (0 when it has none; pads are masked out anyway)."""
     pad = None if method.tok is None else method.tok.pad_id

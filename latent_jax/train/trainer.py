@@ -1,10 +1,11 @@
 """Curriculum trainer (Coconut schedule) with AdamW, token-weighted gradient accumulation and exact resume.
 
-Per epoch e: stage = min(e // epochs_per_stage, max_latent_stage + 1) (see `data.pipeline.scheduled_stage`);
-each example uses that stage, or with probability `uniform_prob` a random one. One optimizer step = grad_accum
+Per step: the method's stage (`Method.stage_at`: its own schedule, else its curriculum's
+min(e // epochs_per_stage, max_latent_stage + 1) at epoch e, `latent_jax.curriculum`); each example uses that stage,
+or with probability `method.curriculum.uniform_prob` a random one. One optimizer step = grad_accum
 micro-batches; gradients are sums of per-token losses, divided by the step's total token count: identical to one
 big batch's mean token loss. Optimizer state is reset (fresh AdamW moments and count) when the stage changes
-(`reset_optimizer`; only for a method with a curriculum or a schedule), the learning-rate schedule follows the
+(`method.curriculum.reset_optimizer`; only for a method with a curriculum or a schedule), the learning-rate schedule follows the
 global step. Keep-best: the best evaluated epoch (ties: the later; only epochs the method's
 `eligible_for_best(stage)` accepts). Checkpoints: `latent_jax.train.checkpoint`. `train` runs three phases of a `_Loop`:
 `restore` (newest good checkpoint, kept-best params), then per epoch `epoch` (its optimizer steps through
@@ -24,16 +25,19 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from latent_jax.config import REMAT, check_keys, check_rules, coerce_numbers
+from latent_jax.curriculum import MOVED_TO_METHOD
 from latent_jax.models import get_config
 from latent_jax.sharding import MeshConfig, Placement
 from latent_jax.train.checkpoint import Checkpointer, CheckpointError, MetricsLog, abstract_like, check_compatible
 from latent_jax.train.pipeline import (epoch_dataset, epoch_iterator, fingerprint, micro_batches_per_epoch,
-                                       same_layout_across_hosts, scheduled_stage)
+                                       same_layout_across_hosts)
 from latent_jax.train.runlock import RunLock
 from latent_jax.train.step import TrainState, make_optimizer, make_steps, train_step  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-SCHEDULES, RESETS = ("constant", "cosine", "linear"), ("stage", "epoch", "never")
+SCHEDULES = ("constant", "cosine", "linear")
+# their values in a run's identity when the method has no curriculum of its own (what older checkpoints hold)
+CURRICULUM_DEFAULTS = {"epochs_per_stage": 1, "max_latent_stage": 0, "uniform_prob": 0.0, "reset_optimizer": "stage"}
 NORMALIZATIONS = ("tokens", "micro_batch")
 # Fields that may change when a run is resumed (they do not change the training trajectory).
 RESUMABLE = ("log_every", "checkpoint_every_steps", "keep_checkpoints", "output_dir", "eval_every_epoch", "progress",
@@ -46,9 +50,6 @@ class TrainConfig:
     process_count. output_dir None: no checkpoints / metrics file. max_len None: the model's max_positions."""
 
     epochs: int = 1
-    epochs_per_stage: int = 1
-    max_latent_stage: int = 0
-    uniform_prob: float = 0.0
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-4
@@ -56,7 +57,6 @@ class TrainConfig:
     warmup_steps: int = 0
     schedule: str = "constant"
     grad_clip: float | None = None
-    reset_optimizer: str = "stage"
     seed: int = 0
     bucket: int = 32
     length_groups: int = 0  # > 0: sort each window of this many micro-batches by length (less padding); 0: off
@@ -85,14 +85,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.remat={self.remat!r} is invalid: must be None or one of {REMAT}")
         coerce_numbers(self, "TrainConfig")
         check_rules(self, "TrainConfig", [
-            *((n, getattr(self, n) >= 1, ">= 1") for n in ("epochs", "epochs_per_stage", "batch_size", "grad_accum",
-                                                           "bucket", "log_every", "keep_checkpoints")),
-            *((n, getattr(self, n) >= 0, ">= 0") for n in ("max_latent_stage", "weight_decay", "warmup_steps",
-                                                           "length_groups")),
-            ("uniform_prob", 0 <= self.uniform_prob <= 1, "in [0, 1]"),
+            *((n, getattr(self, n) >= 1, ">= 1") for n in ("epochs", "batch_size", "grad_accum", "bucket",
+                                                           "log_every", "keep_checkpoints")),
+            *((n, getattr(self, n) >= 0, ">= 0") for n in ("weight_decay", "warmup_steps", "length_groups")),
             ("lr", math.isfinite(self.lr) and self.lr > 0, "finite and > 0"),
             ("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
-            ("reset_optimizer", self.reset_optimizer in RESETS, f"one of {RESETS}"),
             ("loss_normalization", self.loss_normalization in NORMALIZATIONS, f"one of {NORMALIZATIONS}"),
             ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "None or > 0"),
             ("max_len", self.max_len is None or self.max_len >= 2, "None or >= 2"),
@@ -101,16 +98,17 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        """Build from a dict; unknown keys are an error that lists the valid ones."""
+        """Build from a dict; unknown keys are an error that lists the valid ones (a curriculum key names its new
+        place, the method section)."""
+        moved = sorted(set(d) & set(MOVED_TO_METHOD))
+        if moved:
+            raise ValueError(f"train.{moved[0]} is the method's now: set method.{moved[0]} (the curriculum belongs to"
+                             " the method, latent_jax.curriculum)")
         check_keys(cls, d, "train config key(s)")
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def stage(self, epoch: int) -> int:
-        """The scheduled curriculum stage of `epoch`."""
-        return scheduled_stage(epoch, self.epochs_per_stage, self.max_latent_stage)
 
     def lr_at(self, step: int, total_steps: int) -> float:
         """Learning rate of optimizer step `step` (0-based): linear warmup, then constant / cosine / linear to 0."""
@@ -184,7 +182,8 @@ class _Loop:
         self.trajectory = {k: v for k, v in cfg.to_dict().items()
                            if k not in RESUMABLE and not (k == "epochs" and cfg.schedule == "constant")}
         self.trajectory.update(method=method.name, n_records=len(records), data=fingerprint(records),
-                               process_count=pc)
+                               process_count=pc, max_latent_stage=method.max_latent_stage or 0,
+                               **dataclasses.asdict(method.curriculum))  # flat, as when they were TrainConfig's
         if dataclasses.is_dataclass(method.cfg):  # c_thought, max_latent_stage, ...: the run's identity
             self.trajectory["method_config"] = dataclasses.asdict(method.cfg)
         self.progress, self.best_params, self.restored = _Progress(), None, None
@@ -192,9 +191,8 @@ class _Loop:
         self.t_start = time.perf_counter()
 
     def stage_at(self, epoch: int, micro: int) -> int:
-        """The stage of micro-batch `micro` of `epoch`: the method's schedule, else the trainer's curriculum."""
-        s = self.method.schedule(epoch, micro // self.cfg.grad_accum, self.steps_per_epoch)
-        return self.cfg.stage(epoch) if s is None else s
+        """The stage of micro-batch `micro` of `epoch` (`Method.stage_at`: its schedule, else its curriculum)."""
+        return self.method.stage_at(epoch, micro // self.cfg.grad_accum, self.steps_per_epoch)
 
     # ---- restore ------------------------------------------------------------------------------------------------
     def restore(self, resume: bool) -> None:
@@ -244,10 +242,12 @@ class _Loop:
     def epoch(self, metrics: MetricsLog, bar) -> int:
         """The rest of the current epoch's optimizer steps (from mid-epoch after a resume). Returns its last stage."""
         cfg, p, method, place = self.cfg, self.progress, self.method, self.place
+        cur = method.curriculum
         if p.micro == 0 and self.stage_at(p.epoch, 0) != p.last_stage:  # e.g. LT-Tuning rebuilds its data
             method.on_stage_start(self.stage_at(p.epoch, 0), self.graphdef, self.params, self.records)
-        it = epoch_iterator(epoch_dataset(method, self.records, epoch=p.epoch, stage=cfg.stage(p.epoch),
-                                          seed=cfg.seed, batch_size=cfg.batch_size, uniform_prob=cfg.uniform_prob,
+        it = epoch_iterator(epoch_dataset(method, self.records, epoch=p.epoch,
+                                          stage=cur.stage(p.epoch, method.max_latent_stage), seed=cfg.seed,
+                                          batch_size=cfg.batch_size, uniform_prob=cur.uniform_prob,
                                           bucket=cfg.bucket, max_len=self.max_len,
                                           stage_fn=lambda m, e=p.epoch: self.stage_at(e, m),
                                           length_groups=cfg.length_groups, fixed_shapes=cfg.fixed_shapes))
@@ -255,12 +255,12 @@ class _Loop:
             if p.micro:
                 self.ckpt.restore_iterator(self.restored, it)
             self.restored = None
-        if p.micro == 0 and p.epoch > 0 and cfg.reset_optimizer == "epoch":
+        if p.micro == 0 and p.epoch > 0 and cur.reset_optimizer == "epoch":
             self.opt_state = place.tree(self.tx.init(self.params))
         stage = p.last_stage
         while p.micro < self.n_micro:
             t0, stage = time.perf_counter(), self.stage_at(p.epoch, p.micro)
-            if self.staged and p.last_stage is not None and stage != p.last_stage and cfg.reset_optimizer == "stage":
+            if self.staged and p.last_stage is not None and stage != p.last_stage and cur.reset_optimizer == "stage":
                 self.opt_state = place.tree(self.tx.init(self.params))  # the stage (curriculum / count) changed
             p.last_stage = stage
             state = TrainState(self.params, self.opt_state, self.acc, jnp.int32(p.step),
@@ -366,7 +366,7 @@ def train(method, train_records: Sequence[dict[str, Any]], graphdef, params, cfg
 def comparable_trajectory(trajectory: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
     """`trajectory` without the keys a checkpoint written before they existed lacks, where they hold their
     default (a TrainConfig field added later, e.g. `length_groups: 0`, changes nothing in an older run)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    defaults = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **CURRICULUM_DEFAULTS}
     return {k: v for k, v in trajectory.items()
             if k in saved or (k not in defaults and k not in ADDED_LATER) or (k in defaults and v != defaults[k])}
 
