@@ -21,9 +21,6 @@ from typing import Any
 from latent_jax.config import check_rules, coerce_numbers
 
 RESETS = ("stage", "epoch", "never")
-CURRICULUM_KEYS = ("epochs_per_stage", "uniform_prob", "reset_optimizer")  # reserved in every method section
-# once TrainConfig fields (`train.epochs_per_stage`, ...), the method's now (`method.*`)
-MOVED_TO_METHOD = ("epochs_per_stage", "max_latent_stage", "uniform_prob", "reset_optimizer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,3 +55,8 @@ class Curriculum:
         """The Coconut schedule: epoch // epochs_per_stage, capped at max_latent_stage + 1 = the final stage (the
         reference treats every stage past max_latent_stage that way); None counts as 0."""
         return min(epoch // self.epochs_per_stage, (max_latent_stage or 0) + 1)
+
+
+CURRICULUM_KEYS = tuple(f.name for f in dataclasses.fields(Curriculum))  # reserved in every method section
+# once TrainConfig fields (`train.epochs_per_stage`, ...), the method's now (`method.*`)
+MOVED_TO_METHOD = (*CURRICULUM_KEYS, "max_latent_stage")

@@ -94,8 +94,8 @@ def _move_curriculum_keys(cfg: dict) -> None:
     has one and must agree with it."""
     import warnings
 
-    from latent_jax.methods import method_options
     from latent_jax.curriculum import MOVED_TO_METHOD
+    from latent_jax.methods import method_options
 
     moved = {k: cfg["train"].pop(k) for k in MOVED_TO_METHOD if k in cfg["train"]}
     if not moved:

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from latent_jax.curriculum import Curriculum
 from latent_jax.config import ModelConfig, RopeScaling
+from latent_jax.curriculum import Curriculum
 from latent_jax.layout import IGNORE, Example, Prompt, collate
 from latent_jax.methods.base import Method
 
@@ -173,13 +173,6 @@ def quiet(**kw):
     from latent_jax.train.trainer import TrainConfig
 
     return TrainConfig(**{"progress": False, "bucket": 16, **kw})
-
-
-def with_curriculum(method: Method, **curriculum) -> Method:
-    """`method` with `method.curriculum = Curriculum(**curriculum)` (what `build_method` does from a config's
-    method section); returns it."""
-    method.curriculum = Curriculum(**curriculum)
-    return method
 
 
 def make_batch(rng, vocab, specs, latent_id=7):

@@ -44,7 +44,8 @@ def run_toy(out: str, kill_at: int = -1) -> None:
 
     print("RESUME_FROM", Checkpointer(out + "/checkpoints").latest_step(), flush=True)
     graphdef, params = init_model(tiny_config("gpt2", embd_dropout=0.1, resid_dropout=0.1, attn_dropout=0.1), seed=0)
-    cfg = TrainConfig(epochs=2, batch_size=4, lr=3e-3, schedule="cosine", warmup_steps=2, bucket=16, checkpoint_every_steps=2, output_dir=out,
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=3e-3, schedule="cosine", warmup_steps=2, bucket=16,
+                      checkpoint_every_steps=2, output_dir=out,
                       progress=False)
 
     def on_step(rec):

@@ -25,7 +25,8 @@ def model():
 
 
 def test_config_validation_and_from_dict():
-    for bad in [dict(epochs=0), dict(schedule="step"), dict(grad_clip=0.0), dict(lr=-1.0), dict(batch_size=0), dict(grad_accum=0), dict(lr="fast"),
+    for bad in [dict(epochs=0), dict(schedule="step"), dict(grad_clip=0.0), dict(lr=-1.0), dict(batch_size=0),
+                dict(grad_accum=0), dict(lr="fast"),
                 dict(checkpoint_every_steps=0), dict(max_len=1), dict(epochs=2.5)]:
         with pytest.raises(ValueError, match="TrainConfig." + next(iter(bad))):
             TrainConfig(**bad)

@@ -103,5 +103,5 @@ def prepare_model(method, model_cfg, graphdef, params):
 
 
 __all__ = ["CURRICULUM_KEYS", "Curriculum", "IGNORE", "Batch", "Example", "Method", "Prompt", "collate", "Coconut",
-           "CoconutConfig", "Pause", "PauseConfig", "METHODS", "REGISTRY", "available_methods", "build_method", "method_config",
-           "method_options", "prepare_model", "register_method"]
+           "CoconutConfig", "Pause", "PauseConfig", "METHODS", "REGISTRY", "available_methods", "build_method",
+           "method_config", "method_options", "prepare_model", "register_method"]

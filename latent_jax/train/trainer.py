@@ -5,8 +5,8 @@ min(e // epochs_per_stage, max_latent_stage + 1) at epoch e, `latent_jax.curricu
 or with probability `method.curriculum.uniform_prob` a random one. One optimizer step = grad_accum
 micro-batches; gradients are sums of per-token losses, divided by the step's total token count: identical to one
 big batch's mean token loss. Optimizer state is reset (fresh AdamW moments and count) when the stage changes
-(`method.curriculum.reset_optimizer`; only for a method with a curriculum or a schedule), the learning-rate schedule follows the
-global step. Keep-best: the best evaluated epoch (ties: the later; only epochs the method's
+(`method.curriculum.reset_optimizer`; only for a method with a curriculum or a schedule), the learning-rate
+schedule follows the global step. Keep-best: the best evaluated epoch (ties: the later; only epochs the method's
 `eligible_for_best(stage)` accepts). Checkpoints: `latent_jax.train.checkpoint`. `train` runs three phases of a `_Loop`:
 `restore` (newest good checkpoint, kept-best params), then per epoch `epoch` (its optimizer steps through
 `train_step`, checkpoints) and `evaluate` (history entry, keep-best); a `_Progress` is what a checkpoint's metadata
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from latent_jax.config import REMAT, check_keys, check_rules, coerce_numbers
-from latent_jax.curriculum import MOVED_TO_METHOD
+from latent_jax.curriculum import MOVED_TO_METHOD, Curriculum
 from latent_jax.models import get_config
 from latent_jax.sharding import MeshConfig, Placement
 from latent_jax.train.checkpoint import Checkpointer, CheckpointError, MetricsLog, abstract_like, check_compatible
@@ -37,7 +37,7 @@ from latent_jax.train.step import TrainState, make_optimizer, make_steps, train_
 log = logging.getLogger(__name__)
 SCHEDULES = ("constant", "cosine", "linear")
 # their values in a run's identity when the method has no curriculum of its own (what older checkpoints hold)
-CURRICULUM_DEFAULTS = {"epochs_per_stage": 1, "max_latent_stage": 0, "uniform_prob": 0.0, "reset_optimizer": "stage"}
+CURRICULUM_DEFAULTS = {**dataclasses.asdict(Curriculum()), "max_latent_stage": 0}
 NORMALIZATIONS = ("tokens", "micro_batch")
 # Fields that may change when a run is resumed (they do not change the training trajectory).
 RESUMABLE = ("log_every", "checkpoint_every_steps", "keep_checkpoints", "output_dir", "eval_every_epoch", "progress",
