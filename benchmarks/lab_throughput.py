@@ -55,14 +55,15 @@ def main(argv=None):
     from latent_jax.train.trainer import TrainConfig, make_steps, train
 
     cfg = load_config(args.config, list(args.overrides) + ["compare=null"])
-    if load_config(args.config)["compare"]:
-        cfg["method"] = dict(load_config(args.config)["compare"][-1])  # the comparison's latent method
-    cfg["data"]["train_n"] = max(args.loop_records, max(int(b) for b in args.batches.split(",")))
+    if load_config(args.config).compare:
+        cfg = cfg.replace(method=load_config(args.config).compare[-1])  # the comparison's latent method
+    n = max(args.loop_records, max(int(b) for b in args.batches.split(",")))
+    cfg = cfg.replace(data=cfg.data.replace(train_n=n))
     train_records, _, _, (tok, method, mcfg, graphdef, params) = _records_and_build(cfg)
     out = {"config": args.config, "overrides": args.overrides, "method": method.name, "device": jax.devices()[0].device_kind,
            "cpu_threads": jax.local_device_count(), "model_params": mcfg.num_params(),
            "peak_gflops": {"square": round(gflops_matmul(args.peak_n, args.peak_n, args.peak_n), 1)}}
-    t = cfg["train"]
+    t = cfg.train
     B0 = t.get("batch_size", 32)
     final = method.num_stages()
     stages = {"cot_stage0": 0, "final": final if final > 1 else 0}

@@ -233,7 +233,7 @@ def token_table(result: dict, n_show: int = 5) -> str:
     return "\n".join(lines)
 
 
-def run_analysis(cfg: dict, model_dir, n: int | None = 200, top_k: int = 10, out=None, batch_size: int = 32,
+def run_analysis(cfg, model_dir, n: int | None = 200, top_k: int = 10, out=None, batch_size: int = 32,
                  progress: bool = True) -> dict[str, Any]:
     """`latent-jax analyze`: load an exported model folder (weights + tokenizer), analyze `n` validation records,
     write analysis.json, latent_tokens.md and PNG plots (+ training_curves.png if {run}/train/metrics.jsonl)."""
@@ -244,18 +244,18 @@ def run_analysis(cfg: dict, model_dir, n: int | None = 200, top_k: int = 10, out
 
     model_dir = pathlib.Path(model_dir)
     out = pathlib.Path(out) if out is not None else model_dir.parent / "analysis"
-    d = cfg["data"]
+    d = cfg.data
     check_encoding(model_dir, cfg, "--model-dir")
     records = reported_records({**d, "valid_n": n})  # the run's reported set, in its encoding (symbolic included)
     tok = load_tokenizer(model_dir)
-    method = build_method(cfg["method"]["name"], tok, **{k: v for k, v in cfg["method"].items() if k != "name"})
+    method = build_method(cfg.method["name"], tok, **cfg.method_options)
     if not method.uses_hidden_thoughts:
-        raise ValueError(f"method {cfg['method']['name']!r} has no continuous thoughts to analyze (needs coconut)")
+        raise ValueError(f"method {cfg.method['name']!r} has no continuous thoughts to analyze (needs coconut)")
     mcfg, graphdef, params = load_hf(model_dir)
     check_vocab_fits(tok.vocab_size, mcfg.vocab_size, f"tokenizer of {model_dir} (with {method.name}'s tokens)",
                      str(model_dir))
     result = analyze_records(method, records, graphdef, params, final_stage(method, cfg), top_k, batch_size)
-    result = _clean({"model_dir": str(model_dir), "task": d["task"], **result})
+    result = _clean({"model_dir": str(model_dir), "task": d.task, **result})
     out.mkdir(parents=True, exist_ok=True)
     (out / "analysis.json").write_text(json.dumps(result, indent=2))
     (out / "latent_tokens.md").write_text(token_table(result))

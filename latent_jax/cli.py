@@ -113,25 +113,25 @@ def _train(args) -> int:
     if args.model:
         overrides += [f"model.pretrained={args.model}", "model.compact_vocab=false"]
     cfg = load_config(args.config, overrides)
-    d = cfg["data"]
-    methods = [m["name"] for m in cfg["compare"]] if cfg["compare"] else [cfg["method"]["name"]]
-    valid = ("a generated held-out set" if valid_is_generated(d) else f"the real {d['task']} valid file") + (
-        f", {d['encoding']} encoding" if d["encoding"] != "text" else "") + (f", rung {d['rung']}" if d["rung"] else "")
-    print(f"[latent-jax] {cfg['name']}: {', '.join(methods)} on {d['task']} (train data: {d['train_source']},"
-          f" reported on {valid}); output in {cfg['output_dir']}", file=sys.stderr)
-    if cfg["compare"]:
+    d = cfg.data
+    methods = [m["name"] for m in cfg.compare] if cfg.compare else [cfg.method["name"]]
+    valid = ("a generated held-out set" if valid_is_generated(d) else f"the real {d.task} valid file") + (
+        f", {d.encoding} encoding" if d.encoding != "text" else "") + (f", rung {d.rung}" if d.rung else "")
+    print(f"[latent-jax] {cfg.name}: {', '.join(methods)} on {d.task} (train data: {d.train_source},"
+          f" reported on {valid}); output in {cfg.output_dir}", file=sys.stderr)
+    if cfg.compare:
         res = run_compare(cfg, fresh=args.fresh, on_result=lambda r: print(f"[latent-jax] {r['method']}: {100 * r['accuracy']:.1f}%"
                                                          f" in {r['wall_seconds']:.0f}s", file=sys.stderr))
         print()
         print(format_table(res["rows"]))
         print()
         print(res["summary"])
-        print(f"results: {cfg['output_dir']}/compare.json")
+        print(f"results: {cfg.output_dir}/compare.json")
         return 0
     result = run_train(cfg, fresh=args.fresh)
     print()
     print(format_table([result]))
-    print(f"result: {cfg['output_dir']}/result.json   model: {result['export']}")
+    print(f"result: {cfg.output_dir}/result.json   model: {result['export']}")
     return 0
 
 
@@ -159,7 +159,7 @@ def _vqvae(args) -> int:
     cfg = load_config(args.config, args.overrides)
     train_records, valid_records = experiment_records(cfg)
     _, method, _, _, _ = build(cfg, train_records, valid_records)  # the same tokenizer as `train` builds
-    out = pathlib.Path(args.out or pathlib.Path(cfg["output_dir"]) / "vqvae")
+    out = pathlib.Path(args.out or pathlib.Path(cfg.output_dir) / "vqvae")
     metrics = method.fit_auxiliary(train_records, out)  # the base class refuses a method without one
     print(json.dumps({"vqvae": str(out), **metrics}, indent=2))
     return 0

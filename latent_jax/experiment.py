@@ -1,140 +1,17 @@
 """Experiments from YAML configs: tokenizer + data + model + method -> train -> evaluate -> export -> table.
 
-A config has the sections below (see configs/*.yaml); `key=value` overrides use dotted keys
-(`train.epochs=3`, `model.pretrained=path/or/hub-id`). Unknown keys are errors that list the valid ones.
+A config is a frozen `ExperimentConfig` (`latent_jax.experiment_config`: sections, defaults, validation at load);
+`key=value` overrides use dotted keys (`train.epochs=3`, `model.pretrained=path/or/hub-id`). Unknown keys are
+errors that list the valid ones.
 """
 from __future__ import annotations
 
-import copy
 import json
 import pathlib
 import time
-from typing import Any
 
-import yaml
-
-SECTIONS = {
-    "name": None,
-    "output_dir": None,
-    "tokenizer": None,
-    "model": {"pretrained": None, "family": "gpt2", "size": "small", "overrides": {}, "compact_vocab": False,
-              "param_dtype": "float32", "dtype": "float32", "seed": 0},
-    "method": {"name": "coconut"},
-    "data": {"task": "prosqa", "train_source": "generated", "train_n": None, "train_path": None, "valid_n": None,
-             "valid_path": None, "seed": 0, "select": "valid", "select_n": None, "encoding": "text", "rung": None,
-             "symbolic_ids": "shuffled", "step_separator": None},
-    "train": {},
-    "eval": {"batch_size": 32, "max_new_tokens": 64, "stage": None},
-    "compare": None,  # a list of method sections: train each at the same budget, one table (`run_compare`)
-}
-REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
-
-def resolve_config_path(name: str) -> pathlib.Path:
-    p = pathlib.Path(name)
-    for cand in (p, REPO_CONFIGS / name, REPO_CONFIGS / f"{name}.yaml"):
-        if cand.is_file():
-            return cand
-    have = sorted(x.stem for x in REPO_CONFIGS.glob("*.yaml")) if REPO_CONFIGS.is_dir() else []
-    raise FileNotFoundError(f"config {name!r} not found (a YAML path, or one of {have})")
-
-
-def load_config(path_or_name: str | None, overrides: list[str] = ()) -> dict[str, Any]:
-    """YAML file (or a name in configs/) + dotted `key=value` overrides (values parsed as YAML)."""
-    raw = {}
-    if path_or_name is not None:
-        raw = yaml.safe_load(resolve_config_path(path_or_name).read_text()) or {}
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
-        key, value = item.split("=", 1)
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise ValueError(f"unknown config section(s) {unknown}; valid: {sorted(SECTIONS)}")
-    cfg = {k: copy.deepcopy(v) for k, v in SECTIONS.items()}
-    for k, v in raw.items():
-        if isinstance(SECTIONS[k], dict):
-            if not isinstance(v, dict):
-                raise ValueError(f"config section {k!r} must be a mapping")
-            if k in ("model", "data", "eval"):
-                bad = sorted(set(v) - set(SECTIONS[k]))
-                if bad:
-                    raise ValueError(f"unknown config key(s) {[f'{k}.{b}' for b in bad]}; valid: {sorted(SECTIONS[k])}")
-            cfg[k].update(v)
-        else:
-            cfg[k] = v
-    from latent_jax.methods import method_config
-
-    if cfg["compare"] is not None:
-        if not (isinstance(cfg["compare"], list) and cfg["compare"]):
-            raise ValueError("compare must be a non-empty list of method sections, e.g. [{name: no_cot}, {name: cot}]")
-        for i, entry in enumerate(cfg["compare"]):
-            if isinstance(entry, str):
-                entry = cfg["compare"][i] = {"name": entry}
-            if not isinstance(entry, dict) or "name" not in entry:
-                raise ValueError(f"compare[{i}] must be a method name or a mapping with a 'name', got {entry!r}")
-    _move_curriculum_keys(cfg)
-    for section in [cfg["method"], *(cfg["compare"] or [])]:
-        method_config(section.get("name", "coconut"), **{k: v for k, v in section.items() if k != "name"})
-    _check_model_and_eval(cfg)
-    cfg["name"] = cfg["name"] or (pathlib.Path(path_or_name).stem if path_or_name else "run")
-    cfg["output_dir"] = cfg["output_dir"] or f"runs/{cfg['name']}"
-    return cfg
-
-
-def _move_curriculum_keys(cfg: dict) -> None:
-    """Configs written before the curriculum became the method's (`train.epochs_per_stage`, `train.uniform_prob`,
-    `train.reset_optimizer`, `train.max_latent_stage`) still load: each key moves to the method section (and every
-    `compare` entry) that does not set it, with a DeprecationWarning. `max_latent_stage` goes only to a method that
-    has one and must agree with it."""
-    import warnings
-
-    from latent_jax.curriculum import MOVED_TO_METHOD
-    from latent_jax.methods import method_options
-
-    moved = {k: cfg["train"].pop(k) for k in MOVED_TO_METHOD if k in cfg["train"]}
-    if not moved:
-        return
-    warnings.warn(f"train.{', train.'.join(moved)}: the curriculum is the method's now; write "
-                  f"method.{', method.'.join(moved)} (moved for this run)", DeprecationWarning, stacklevel=3)
-    for section in [cfg["method"], *(cfg["compare"] or [])]:
-        name = section.get("name", "coconut")
-        for k, v in moved.items():
-            if k != "max_latent_stage":
-                section.setdefault(k, v)
-            elif k in method_options(name):
-                if section.setdefault(k, v) != v:
-                    raise ValueError(f"train.max_latent_stage={v} differs from method.max_latent_stage={section[k]}"
-                                     f" ({name})")
-
-
-def _check_model_and_eval(cfg: dict) -> None:
-    """At load time, before any data or training: `model.overrides` keys are ModelConfig fields, `eval` values are
-    sane (a bad one used to surface only at the first evaluation, after an epoch of training)."""
-    import dataclasses
-
-    from latent_jax.config import ModelConfig
-
-    ov = cfg["model"]["overrides"]
-    if not isinstance(ov, dict):
-        raise ValueError(f"model.overrides must be a mapping of ModelConfig fields, got {ov!r}")
-    fields = sorted(f.name for f in dataclasses.fields(ModelConfig))
-    bad = sorted(set(ov) - set(fields))
-    if bad:
-        raise ValueError(f"unknown model.overrides key(s) {bad}; valid: {fields}")
-    ev = cfg["eval"]
-    for key in ("batch_size", "max_new_tokens"):
-        v = ev[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"eval.{key} must be an integer >= 1, got {v!r}")
-    if ev["stage"] is not None and (isinstance(ev["stage"], bool) or not isinstance(ev["stage"], int)
-                                    or ev["stage"] < 0):
-        raise ValueError(f"eval.stage must be null or an integer >= 0, got {ev['stage']!r}")
+from latent_jax.experiment_config import (REPO_CONFIGS, STEP_SEPARATORS, ExperimentConfig,  # noqa: F401
+                                          check_select, load_config, resolve_config_path, step_separator, thaw)
 
 
 def valid_is_generated(d: dict) -> bool:
@@ -148,43 +25,19 @@ def valid_is_generated(d: dict) -> bool:
     return (rung is not None and not graph_size(rung).is_real) or canonical_name(d["task"]) not in DATASETS
 
 
-def experiment_records(cfg: dict):
+def experiment_records(cfg: ExperimentConfig):
     """(train, valid) records of the config's task, rung and encoding (`data.encoding: symbolic`: ProsQA written
-    one token per node, `latent_jax.data.symbolic`)."""
-    from latent_jax.data import ENCODINGS, load_dataset
+    one token per node, `latent_jax.data.symbolic`). The data section was checked at load (`DataSection`)."""
+    from latent_jax.data import load_dataset
 
-    d = cfg["data"]
-    if d["encoding"] not in ENCODINGS:
-        raise ValueError(f"data.encoding must be one of {ENCODINGS}, got {d['encoding']!r}")
-    if d["encoding"] == "symbolic" and d["task"] != "prosqa":
-        raise ValueError(f"data.encoding=symbolic is for ProsQA (its records carry the graph); task is {d['task']!r}")
-    step_separator(d)
-    if d["train_path"] is not None and d["train_source"] != "file":
-        raise ValueError(f"data.train_path={d['train_path']!r} is only read with data.train_source=file"
-                         f" (got {d['train_source']!r})")
-    train = load_dataset(d["task"], split="train", source=d["train_source"], path=d["train_path"], n=d["train_n"],
-                         seed=d["seed"], rung=d["rung"])
+    d = cfg.data
+    train = load_dataset(d.task, split="train", source=d.train_source, path=d.train_path, n=d.train_n,
+                         seed=d.seed, rung=d.rung)
     train, valid = _encode(d, train, "training records"), reported_records(d)
     if valid_is_generated(d):  # a generated reported set never holds a training question
         seen = {r["question"] for r in train}
         valid = [r for r in valid if r["question"] not in seen]
     return train, valid
-
-
-STEP_SEPARATORS = ("newline", "none")
-
-
-def step_separator(d: dict) -> str:
-    """`data.step_separator`: "newline" (the reference layout: a newline after the question and each step) or
-    "none" (symbolic only: the path's nodes follow each other, Zhu et al.'s layout). Default: "none" for the symbolic
-    encoding, "newline" for text."""
-    sep = d.get("step_separator") or ("none" if d.get("encoding") == "symbolic" else "newline")
-    if sep not in STEP_SEPARATORS:
-        raise ValueError(f"data.step_separator must be one of {STEP_SEPARATORS}, got {sep!r}")
-    if sep == "none" and d.get("encoding", "text") != "symbolic":
-        raise ValueError("data.step_separator=none is for data.encoding=symbolic (a BPE text layout needs its"
-                         " newlines)")
-    return sep
 
 
 def reported_records(d: dict):
@@ -215,12 +68,9 @@ def _select_records(cfg: dict, train_records, valid_records) -> list:
     from latent_jax.data import load_dataset
 
     d = cfg["data"]
+    check_select(d)
     if d["select"] == "valid":
         return list(valid_records)
-    if d["select"] != "generated":
-        raise ValueError(f"data.select must be 'valid' or 'generated', got {d['select']!r}")
-    if d["select_n"] is not None and not (isinstance(d["select_n"], int) and d["select_n"] > 0):
-        raise ValueError(f"data.select_n must be a positive integer (null: the validation size), got {d['select_n']!r}")
     n = d["select_n"] or len(valid_records)
     seen = {r["question"] for r in list(train_records) + list(valid_records)}
     size, out = n + n // 10 + 10, []
@@ -243,11 +93,11 @@ def _records_and_build(cfg: dict):
     records: training and `run_export` go through here, so an export rebuilds the run's vocabulary."""
     train_records, valid_records = experiment_records(cfg)
     select_records = _select_records(cfg, train_records, valid_records)
-    extra = [] if cfg["data"]["select"] == "valid" else select_records
+    extra = [] if cfg.data.select == "valid" else select_records
     return train_records, valid_records, select_records, build(cfg, train_records, list(valid_records) + extra)
 
 
-def build(cfg: dict, train_records, valid_records):
+def build(cfg: ExperimentConfig, train_records, valid_records):
     """Tokenizer, method and (model_cfg, graphdef, params) for an experiment config."""
     from latent_jax.compact_vocab import META as COMPACT_META
     from latent_jax.compact_vocab import CompactTokenizer
@@ -259,14 +109,14 @@ def build(cfg: dict, train_records, valid_records):
     from latent_jax.tokenizer import load_tokenizer
     from latent_jax.word_tokenizer import WordTokenizer
 
-    m = cfg["model"]
-    pretrained = m["pretrained"]
+    m = cfg.model
+    pretrained = m.pretrained
     folder = resolve_checkpoint(pretrained) if pretrained else None
-    symbolic = cfg["data"]["encoding"] == "symbolic"
+    symbolic = cfg.data.encoding == "symbolic"
     if folder is not None:
         check_encoding(folder, cfg, "model.pretrained")
     if symbolic:  # one token per node: the word vocabulary is already compact, `tokenizer` and compact_vocab unused
-        newlines = step_separator(cfg["data"]) == "newline"
+        newlines = step_separator(cfg.data) == "newline"
         tok = WordTokenizer.load(folder) if folder is not None else WordTokenizer(symbolic_vocab(), newlines=newlines)
         if tok.newlines != newlines:
             raise ValueError(f"model.pretrained {pretrained!r} was trained with data.step_separator="
@@ -274,37 +124,36 @@ def build(cfg: dict, train_records, valid_records):
     elif folder is not None and (pathlib.Path(folder) / COMPACT_META).exists():
         tok = load_tokenizer(folder)  # our export of a compact-vocabulary model (e.g. the CoT stage to continue
     else:  # from, as Coconut and iCoT-SI do): its vocabulary is the model's, whatever `tokenizer` says
-        tok = load_tokenizer(cfg["tokenizer"] or folder or ("gpt2" if m["family"] == "gpt2" else None))
-    if m["compact_vocab"] and not symbolic:
+        tok = load_tokenizer(cfg.tokenizer or folder or ("gpt2" if m.family == "gpt2" else None))
+    if m.compact_vocab and not symbolic:
         if pretrained:
             raise ValueError("model.compact_vocab is for random-init models; a pretrained model keeps its vocab")
         texts = [t for r in list(train_records) + list(valid_records)
                  for t in [r["question"] + "\n", *(s + "\n" for s in r["steps"]), "### " + r["answer"]]]
         tok = CompactTokenizer.from_texts(tok, texts)
-    options = {k: v for k, v in cfg["method"].items() if k != "name"}
-    method = build_method(cfg["method"]["name"], tok, **options)
+    method = build_method(cfg.method["name"], tok, **cfg.method_options)
     if pretrained:
-        mcfg, graphdef, params = load_hf(folder, param_dtype=m["param_dtype"], dtype=m["dtype"])
+        mcfg, graphdef, params = load_hf(folder, param_dtype=m.param_dtype, dtype=m.dtype)
         if tok.vocab_size < mcfg.vocab_size:  # more tokens than rows is fine: prepare_model grows the vocabulary
             from latent_jax.tokenizer import check_vocab_fits
 
             check_vocab_fits(tok.vocab_size, mcfg.vocab_size, f"tokenizer (with {method.name}'s tokens)",
                              f"model.pretrained {pretrained}")
     else:
-        maker = gpt2_config if m["family"] == "gpt2" else llama_config
-        mcfg = maker(m["size"], **{**m["overrides"], "vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id,
-                                   "bos_token_id": tok.bos_id, "param_dtype": m["param_dtype"], "dtype": m["dtype"]})
-        graphdef, params = init_model(mcfg, seed=m["seed"])
+        maker = gpt2_config if m.family == "gpt2" else llama_config
+        mcfg = maker(m.size, **{**thaw(m.overrides), "vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id,
+                                "bos_token_id": tok.bos_id, "param_dtype": m.param_dtype, "dtype": m.dtype})
+        graphdef, params = init_model(mcfg, seed=m.seed)
     mcfg, graphdef, params = prepare_model(method, mcfg, graphdef, params)
     return tok, method, mcfg, graphdef, params
 
 
-def check_encoding(folder, cfg: dict, what: str = "model") -> None:
+def check_encoding(folder, cfg: ExperimentConfig, what: str = "model") -> None:
     """Refuse a model folder whose vocabulary is of the other encoding than `data.encoding` (a symbolic model has a
     word vocabulary, `latent_jax.word_tokenizer.META`; a text model has none)."""
     from latent_jax.word_tokenizer import META as WORD_META
 
-    symbolic = cfg["data"]["encoding"] == "symbolic"
+    symbolic = cfg.data.encoding == "symbolic"
     if (pathlib.Path(folder) / WORD_META).exists() != symbolic:
         have, want = ("symbolic", "text") if not symbolic else ("text", "symbolic")
         raise ValueError(f"{what} {str(folder)!r} was trained on the {have} encoding but this config uses"
@@ -318,15 +167,15 @@ def stage_note(method, stage: int) -> str | None:
     return method.stage_note(stage)
 
 
-def final_stage(method, cfg: dict) -> int:
+def final_stage(method, cfg: ExperimentConfig) -> int:
     """The configured eval stage, else the final one (beyond max_latent_stage: all steps removed)."""
-    if cfg["eval"]["stage"] is not None:
-        return cfg["eval"]["stage"]
+    if cfg.eval.stage is not None:
+        return cfg.eval.stage
     n = method.num_stages()
     return n if n > 1 else 0
 
 
-def run_train(cfg: dict, progress: bool = True, fresh: bool = False) -> dict:
+def run_train(cfg: ExperimentConfig, progress: bool = True, fresh: bool = False) -> dict:
     """Train + evaluate + export. Returns the result dict (also written to {output_dir}/result.json). The run
     folder is locked for the call (`latent_jax.train.runlock`); `fresh`: delete its earlier training state
     ({output_dir}/train: checkpoints, kept-best, metrics) and start from scratch instead of resuming."""
@@ -335,54 +184,54 @@ def run_train(cfg: dict, progress: bool = True, fresh: bool = False) -> dict:
     from latent_jax.train.runlock import RunLock
 
     t0 = time.perf_counter()
-    out = pathlib.Path(cfg["output_dir"])
+    out = pathlib.Path(cfg.output_dir)
     if jax.process_index() != 0:
         return _run_train(cfg, progress, fresh, t0)
     with RunLock(out):
         return _run_train(cfg, progress, fresh, t0)
 
 
-def _run_train(cfg: dict, progress: bool, fresh: bool, t0: float) -> dict:
+def _run_train(cfg: ExperimentConfig, progress: bool, fresh: bool, t0: float) -> dict:
     import shutil
 
     from latent_jax.evaluate import evaluate
     from latent_jax.hf import save_hf
     from latent_jax.train.trainer import TrainConfig, train
 
-    out = pathlib.Path(cfg["output_dir"])
+    out = pathlib.Path(cfg.output_dir)
     if fresh and (out / "train").exists():
         shutil.rmtree(out / "train")
     train_records, valid_records, select_records, (tok, method, mcfg, graphdef, params) = _records_and_build(cfg)
-    tcfg = TrainConfig.from_dict({"output_dir": str(out / "train"), **cfg["train"]})
-    ev = cfg["eval"]
+    tcfg = TrainConfig.from_dict({"output_dir": str(out / "train"), **thaw(cfg.train)})
+    ev = cfg.eval
 
     def eval_fn(g, p, stage):  # keep-best and the per-epoch history: on the selection records
-        return evaluate(method, select_records, g, p, stage, batch_size=ev["batch_size"],
-                        max_new_tokens=ev["max_new_tokens"], progress=False)
+        return evaluate(method, select_records, g, p, stage, batch_size=ev.batch_size,
+                        max_new_tokens=ev.max_new_tokens, progress=False)
 
     method.prepare_data(train_records, out)  # e.g. Token Assorted fits its VQ-VAE on the training CoTs
     result = train(method, train_records, graphdef, params, tcfg, eval_fn=eval_fn, wall_start=t0)
     best = result.best_params if result.best_params is not None else result.params
     stage = final_stage(method, cfg)
-    final = evaluate(method, valid_records, graphdef, best, stage, batch_size=ev["batch_size"],
-                     max_new_tokens=ev["max_new_tokens"], out_path=out / "eval.json", progress=progress)
+    final = evaluate(method, valid_records, graphdef, best, stage, batch_size=ev.batch_size,
+                     max_new_tokens=ev.max_new_tokens, out_path=out / "eval.json", progress=progress)
     export = save_hf(out / "export", mcfg, best)
     tok.save(export)
-    summary = {"name": cfg["name"], "method": method.name, "task": cfg["data"]["task"],
-               "train_source": cfg["data"]["train_source"], "train_records": len(train_records),
-               "valid_records": len(valid_records), "select": cfg["data"]["select"],
+    summary = {"name": cfg.name, "method": method.name, "task": cfg.data.task,
+               "train_source": cfg.data.train_source, "train_records": len(train_records),
+               "valid_records": len(valid_records), "select": cfg.data.select,
                "select_records": len(select_records), "model_params": mcfg.num_params(), "eval_stage": stage,
                "accuracy": final["accuracy"], "mean_generated_tokens": final["mean_generated_tokens"],
                "seconds_per_question": final["seconds_per_question"], "epochs": tcfg.epochs,
                "stage_note": stage_note(method, stage),
                "wall_seconds": result.wall_before + time.perf_counter() - t0, "export": str(export), "history": result.history,
                "train_seconds": result.history[-1].get("train_seconds") if result.history else None,
-               "examples": final["examples"], "config": cfg}
+               "examples": final["examples"], "config": cfg.to_dict()}
     (out / "result.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
-def run_eval(cfg: dict, model_dir: str, progress: bool = True, out: str | None = None,
+def run_eval(cfg: ExperimentConfig, model_dir: str, progress: bool = True, out: str | None = None,
              overwrite: bool = False) -> dict:
     """Evaluate an exported model folder (HF weights + tokenizer, as `run_train` writes) on the config's task.
     The result goes to `out` (a JSON file) or, by default, to `{model_dir}/eval.json`: never into the config's
@@ -396,33 +245,32 @@ def run_eval(cfg: dict, model_dir: str, progress: bool = True, out: str | None =
     out_path = pathlib.Path(out) if out else pathlib.Path(model_dir) / "eval.json"
     if out and out_path.exists() and not overwrite:
         raise FileExistsError(f"{out_path} exists: pass --overwrite to replace it, or another --out")
-    valid = reported_records(cfg["data"])
+    valid = reported_records(cfg.data)
     tok = load_tokenizer(model_dir)
-    method = build_method(cfg["method"]["name"], tok, **{k: v for k, v in cfg["method"].items() if k != "name"})
+    method = build_method(cfg.method["name"], tok, **cfg.method_options)
     mcfg, graphdef, params = load_hf(model_dir)
     check_vocab_fits(tok.vocab_size, mcfg.vocab_size, f"tokenizer of {model_dir} (with {method.name}'s tokens)",
                      str(model_dir))
-    res = evaluate(method, valid, graphdef, params, final_stage(method, cfg), batch_size=cfg["eval"]["batch_size"],
-                   max_new_tokens=cfg["eval"]["max_new_tokens"], progress=progress, out_path=out_path)
+    res = evaluate(method, valid, graphdef, params, final_stage(method, cfg), batch_size=cfg.eval.batch_size,
+                   max_new_tokens=cfg.eval.max_new_tokens, progress=progress, out_path=out_path)
     return {**res, "out": str(out_path)}
 
 
-def run_compare(cfg: dict, progress: bool = True, on_result=None, fresh: bool = False) -> dict:
-    """Train and evaluate every method of `cfg["compare"]` at the config's one budget (data, model, train, eval),
+def run_compare(cfg: ExperimentConfig, progress: bool = True, on_result=None, fresh: bool = False) -> dict:
+    """Train and evaluate every method of `cfg.compare` at the config's one budget (data, model, train, eval),
     each in `{output_dir}/{method}`; returns `{"rows": [result, ...], "summary": sentence}` (also written to
     `{output_dir}/compare.json`). `on_result(result)` is called after each method (e.g. to print its row)."""
     from latent_jax.train.runlock import RunLock
 
-    with RunLock(cfg["output_dir"], "comparison"):
+    with RunLock(cfg.output_dir, "comparison"):
         return _run_compare(cfg, progress, on_result, fresh)
 
 
-def _run_compare(cfg: dict, progress: bool, on_result, fresh: bool) -> dict:
-    rows, out = [], pathlib.Path(cfg["output_dir"])
-    for entry in cfg["compare"]:
-        sub = copy.deepcopy(cfg)
-        sub.update(name=f"{cfg['name']}_{entry['name']}", output_dir=str(out / entry["name"]), method=dict(entry),
-                   compare=None)
+def _run_compare(cfg: ExperimentConfig, progress: bool, on_result, fresh: bool) -> dict:
+    rows, out = [], pathlib.Path(cfg.output_dir)
+    for entry in cfg.compare:
+        sub = cfg.replace(name=f"{cfg.name}_{entry['name']}", output_dir=str(out / entry["name"]), method=entry,
+                          compare=None)
         rows.append(run_train(sub, progress=progress, fresh=fresh))
         if on_result is not None:
             on_result(rows[-1])
@@ -435,7 +283,7 @@ def _run_compare(cfg: dict, progress: bool, on_result, fresh: bool) -> dict:
 _WRITTEN = ("cot", "no_cot")  # the explicit baselines; every other method reasons (at least partly) latently
 
 
-def compare_summary(rows: list[dict], cfg: dict) -> str:
+def compare_summary(rows: list[dict], cfg: ExperimentConfig) -> str:
     """One sentence saying what a comparison shows, from its numbers: the best latent method against the best
     explicit baseline (CoT / No-CoT) and against answering directly."""
     acc = {r["method"]: 100 * r["accuracy"] for r in rows}
@@ -474,7 +322,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines + [f"  ({n})" for n in notes])
 
 
-def run_export(cfg: dict, checkpoint_dir: str, out: str, step: int | None = None) -> pathlib.Path:
+def run_export(cfg: ExperimentConfig, checkpoint_dir: str, out: str, step: int | None = None) -> pathlib.Path:
     """Restore params from an orbax checkpoint of this config's run and write a HF folder (+ tokenizer)."""
     from latent_jax.train.checkpoint import Checkpointer, abstract_like
     from latent_jax.hf import save_hf

@@ -19,8 +19,8 @@ def test_configs_exist_for_every_method():
 def test_config_loads_and_builds_method(name):
     cfg = load_config(name)
     from latent_jax.train.trainer import TrainConfig
-    TrainConfig.from_dict({"output_dir": "/tmp/x", **cfg["train"]})
-    options = {k: v for k, v in cfg["method"].items() if k != "name"}
+    TrainConfig.from_dict({"output_dir": "/tmp/x", **cfg.to_dict()["train"]})
+    options = cfg.method_options
     m = build_method(cfg["method"]["name"], load_tokenizer("gpt2"), **options)
     # lists and tuples compare alike; the curriculum keys land in `m.curriculum`, the rest in `m.cfg`
     built = json.loads(json.dumps({**dataclasses.asdict(m.cfg), **dataclasses.asdict(m.curriculum)}))
@@ -49,6 +49,41 @@ def test_overrides_and_errors(tmp_path):
     bad.write_text("method: {name: coconut, c_thougth: 2}\n")
     with pytest.raises(ValueError, match="unknown option"):
         build(load_config(str(bad)), [], [])
+
+
+def test_experiment_config_is_frozen_typed_and_round_trips():
+    """`load_config` gives a frozen `ExperimentConfig`: typed sections read by attribute or as mappings, no section
+    can be changed in place, `replace` validates again, `to_dict` round-trips, and bad values fail at load."""
+    from latent_jax.experiment_config import DataSection, ExperimentConfig
+
+    cfg = load_config("prosqa_coconut_cpu", ["train.epochs=2", "data.rung=small"])
+    assert isinstance(cfg.data, DataSection) and cfg.data.task == cfg["data"]["task"] == "prosqa"
+    assert cfg.data.rung == "small" and cfg.train["epochs"] == 2 and dict(cfg.eval)["batch_size"] == cfg.eval.batch_size
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.data.task = "gsm8k"
+    with pytest.raises(TypeError):
+        cfg.train["epochs"] = 3
+    with pytest.raises(TypeError):
+        cfg.model.overrides["n_layers"] = 3
+    assert ExperimentConfig(**cfg.to_dict()) == cfg and hash(ExperimentConfig(**cfg.to_dict())) == hash(cfg)
+    assert json.loads(json.dumps(cfg.to_dict()))["model"]["overrides"]["n_layers"] == 2
+    sub = cfg.replace(method={"name": "cot"}, data=cfg.data.replace(train_n=7))
+    assert sub.method == {"name": "cot"} and sub.data.train_n == 7 and cfg.data.train_n != 7
+    assert sub.method_options == {} and cfg.method_options["max_latent_stage"] == 3
+    for bad, msg in (({"data": {"task": "prosqa", "rung": "huge"}}, "unknown ProsQA rung 'huge'"),
+                     ({"data": {"select_n": 0, "select": "generated"}}, "select_n must be a positive"),
+                     ({"data": {"train_n": "many"}}, "data.train_n must be an integer"),
+                     ({"eval": {"batch_size": 0}}, "eval.batch_size=0 is invalid"),
+                     ({"model": {"family": "mamba"}}, "model.family='mamba' is invalid"),
+                     ({"model": {"overrides": [1]}}, "model.overrides must be a mapping"),
+                     ({"train": [1]}, "section 'train' must be a mapping"),
+                     ({"compare": []}, "compare must be a non-empty list")):
+        with pytest.raises(ValueError, match=msg):
+            ExperimentConfig(**bad)
+    with pytest.raises(ValueError, match="does not exist|unknown option"):
+        cfg.replace(method={"name": "coconut", "c_thougth": 2})
+    with pytest.raises(ValueError, match=r"unknown config key.*eval.temperature"):
+        cfg.replace(eval={"temperature": 0.5})
 
 
 def test_build_compact_model_from_records():
@@ -180,7 +215,7 @@ def test_curriculum_is_the_methods_and_old_train_keys_still_load(tmp_path):
     new = load_config(str(tmp_path / "new.yaml"))
     with pytest.warns(DeprecationWarning, match=r"train.epochs_per_stage, train.uniform_prob: .*method"):
         old = load_config(str(tmp_path / "old.yaml"))
-    assert {**old, "name": "new", "output_dir": "runs/new"} == new and new["train"] == {"epochs": 4}
+    assert old.replace(name="new", output_dir="runs/new") == new and new.train == {"epochs": 4}
     m = build_method("coconut", load_tokenizer("gpt2"), **{k: v for k, v in new["method"].items() if k != "name"})
     assert (m.curriculum.epochs_per_stage, m.curriculum.uniform_prob) == (2, 0.1)
     assert [m.stage_at(e, 0, 10) for e in range(10)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]  # max_latent_stage 3

@@ -266,8 +266,9 @@ def test_silently_wrong_values_fail_the_checksum_and_are_never_called_good(tmp_p
 def test_bad_values_fail_at_load_before_training(base_run, tmp_path, capsys):
     cfg, _ = base_run
     for override, msg in (("model.overrides.bogus=1", "unknown model.overrides key(s) ['bogus']"),
-                          ("eval.max_new_tokens=-1", "eval.max_new_tokens must be an integer >= 1"),
-                          ("eval.stage=-2", "eval.stage must be null or an integer >= 0")):
+                          ("eval.max_new_tokens=-1", "eval.max_new_tokens=-1 is invalid: must be an integer >= 1"),
+                          ("eval.stage=-2", "eval.stage=-2 is invalid: must be null or an integer >= 0"),
+                          ("data.select=test", "data.select must be 'valid' or 'generated'")):
         out = tmp_path / override.split("=")[0]
         assert main(["train", cfg, f"output_dir={out}", override]) == 2
         assert msg in capsys.readouterr().err

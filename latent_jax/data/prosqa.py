@@ -20,6 +20,7 @@ import math
 import random
 import re
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 from .records import Record
@@ -81,7 +82,7 @@ def graph_size(rung: str | dict | GraphSize | None) -> GraphSize:
             raise ValueError(f"unknown ProsQA rung {rung!r}; valid: {sorted(RUNGS)} or {{nodes: [lo, hi], steps: [lo, hi]}}")
         n0, n1, s0, s1 = RUNGS[rung]
         return GraphSize((n0, n1), (s0, s1))
-    if isinstance(rung, dict) and set(rung) <= {"nodes", "steps"}:
+    if isinstance(rung, Mapping) and set(rung) <= {"nodes", "steps"}:
         return GraphSize(tuple(rung.get("nodes", NODES_RANGE)), tuple(rung.get("steps", (MIN_STEPS, MAX_STEPS))))
     raise ValueError(f"a ProsQA rung is a name {sorted(RUNGS)} or {{nodes: [lo, hi], steps: [lo, hi]}}, got {rung!r}")
 

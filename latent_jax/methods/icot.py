@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from latent_jax.config import check_rules, coerce_numbers
 from latent_jax.layout import IGNORE, Example, Prompt
 from latent_jax.methods.base import Method, check_record
 from latent_jax.tokenizer import Tokenizer
@@ -61,26 +62,20 @@ class ICoTSIConfig:
     separator: str = "newline"
 
     def __post_init__(self):
-        rpe, lam = _number("remove_per_epoch", self.remove_per_epoch), _number("smoothing_lambda",
-                                                                            self.smoothing_lambda)
-        object.__setattr__(self, "remove_per_epoch", rpe)
-        object.__setattr__(self, "smoothing_lambda", lam)
-        if not (math.isfinite(rpe) and rpe > 0):
-            raise ValueError(f"ICoTSIConfig.remove_per_epoch must be finite and > 0, got {self.remove_per_epoch}")
-        if math.isnan(lam) or lam < 0:
-            raise ValueError(f"ICoTSIConfig.smoothing_lambda must be >= 0 (or inf), got {self.smoothing_lambda}")
-        K = self.remove_all_beyond
-        if K is not None and _number("remove_all_beyond", K) == math.inf:
-            object.__setattr__(self, "remove_all_beyond", K := None)
-        for name, v in (("remove_start_from", self.remove_start_from), ("remove_all_beyond", K),
-                        ("pretrain_epochs", self.pretrain_epochs),
-                        ("max_smoothing_offset", self.max_smoothing_offset)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-                raise ValueError(f"ICoTSIConfig.{name} must be an integer >= 0, got {v!r}")
-        if not isinstance(self.smoothing, bool):
-            raise ValueError(f"ICoTSIConfig.smoothing must be true or false, got {self.smoothing!r}")
-        if self.separator not in SEPARATORS:
-            raise ValueError(f"ICoTSIConfig.separator must be one of {SEPARATORS}, got {self.separator!r}")
+        """Numbers may be given as YAML strings ("inf" included); remove_all_beyond: inf means never (None)."""
+        for name in ("remove_per_epoch", "smoothing_lambda"):
+            object.__setattr__(self, name, _number(name, getattr(self, name)))
+        if self.remove_all_beyond is not None and _number("remove_all_beyond", self.remove_all_beyond) == math.inf:
+            object.__setattr__(self, "remove_all_beyond", None)
+        coerce_numbers(self, "ICoTSIConfig")
+        rpe, lam = self.remove_per_epoch, self.smoothing_lambda
+        check_rules(self, "ICoTSIConfig", [
+            ("remove_per_epoch", math.isfinite(rpe) and rpe > 0, "finite and > 0"),
+            ("smoothing_lambda", not math.isnan(lam) and lam >= 0, ">= 0 (or inf)"),
+            *((k, getattr(self, k) is None or getattr(self, k) >= 0, "an integer >= 0")
+              for k in ("remove_start_from", "remove_all_beyond", "pretrain_epochs", "max_smoothing_offset")),
+            ("smoothing", isinstance(self.smoothing, bool), "true or false"),
+            ("separator", self.separator in SEPARATORS, f"one of {SEPARATORS}")])
 
 
 def offset_distribution(lam: float, max_offset: int) -> np.ndarray:

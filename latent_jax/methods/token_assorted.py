@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import logging
 import pathlib
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import numpy as np
@@ -52,8 +53,8 @@ class TokenAssortedConfig:
 
     def __post_init__(self):
         vq = self.vqvae
-        if isinstance(vq, dict):
-            vq = VQVAEConfig.from_dict(vq)
+        if isinstance(vq, Mapping):
+            vq = VQVAEConfig.from_dict(dict(vq))
         elif not isinstance(vq, VQVAEConfig):
             raise ValueError(f"token_assorted vqvae must be a mapping of VQ-VAE options, got {vq!r}")
         object.__setattr__(self, "vqvae", vq)
