@@ -98,6 +98,7 @@ LAB_QA.update({m: {**LAB_QA[m], "max_latent_stage": 4, "pad_latent_to_max": True
                for m in ("coconut", "no_curriculum", "pause_as_thought")})
 LAB_QA["no_thought"] = {**LAB_QA["no_thought"], "max_latent_stage": 4}
 LAB_QA["superposition"] = {"name": "superposition", "max_latent_stage": 4}  # Coconut on BFS frontiers (Zhu et al.)
+LAB_QA["codi"] = {"name": "codi", "n_latent": 4}  # CODI (Shen et al.): as many thoughts as Coconut's last stage
 _LAB_MODEL = {"family": "gpt2", "size": "small", "overrides": {"n_layers": 2, "d_model": 128, "n_heads": 4,
                                                                "n_kv_heads": 4, "head_dim": 32, "d_ff": 512}}
 _LAB_TRAIN = {"batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "schedule": "cosine", "weight_decay": 0.01,

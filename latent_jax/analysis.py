@@ -251,7 +251,7 @@ def run_analysis(cfg, model_dir, n: int | None = 200, top_k: int = 10, out=None,
     method = build_method(cfg.method["name"], tok, **cfg.method_options)
     if not method.uses_hidden_thoughts:
         raise ValueError(f"method {cfg.method['name']!r} has no continuous thoughts to analyze (needs coconut)")
-    mcfg, graphdef, params = load_hf(model_dir)
+    mcfg, graphdef, params = method.adapt_model(*load_hf(model_dir), training=False)
     check_vocab_fits(tok.vocab_size, mcfg.vocab_size, f"tokenizer of {model_dir} (with {method.name}'s tokens)",
                      str(model_dir))
     result = analyze_records(method, records, graphdef, params, final_stage(method, cfg), top_k, batch_size)

@@ -74,6 +74,10 @@ class ModelConfig:
            scratch CPU lab learns edge lookup in ~10^4 samples instead of > 4*10^5 (BUILD_NOTES, issue 15). Not a
            transformers architecture: an export carries it as `latent_jax_smear_keys` in config.json (our
            `load_hf` reads it back; `transformers` cannot run such a folder).
+    thought_proj_dim / thought_proj_norm: CODI's thought projection (0: none): Linear(D, P) -> GELU -> Linear(P, D)
+           -> LayerNorm (`thought_proj_norm`), applied to a final hidden state before it is fed back as the next
+           thought (`models.project_thought`). Exported as `latent_jax.prj.*` tensors (torch nn.Sequential names)
+           with `latent_jax_thought_proj_dim` / `_norm` in config.json; `transformers` ignores them.
     Softmax, norms and the loss are always computed in float32.
     """
 
@@ -99,6 +103,8 @@ class ModelConfig:
     resid_dropout: float = 0.0
     attn_dropout: float = 0.0
     smear_keys: bool = False
+    thought_proj_dim: int = 0
+    thought_proj_norm: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | None = None
 
@@ -109,6 +115,8 @@ class ModelConfig:
                      "max_positions"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.thought_proj_dim < 0:
+            raise ValueError(f"ModelConfig.thought_proj_dim must be >= 0 (0: none), got {self.thought_proj_dim}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         for name in ("dtype", "param_dtype"):

@@ -248,7 +248,7 @@ def run_eval(cfg: ExperimentConfig, model_dir: str, progress: bool = True, out: 
     valid = reported_records(cfg.data)
     tok = load_tokenizer(model_dir)
     method = build_method(cfg.method["name"], tok, **cfg.method_options)
-    mcfg, graphdef, params = load_hf(model_dir)
+    mcfg, graphdef, params = method.adapt_model(*load_hf(model_dir), training=False)
     check_vocab_fits(tok.vocab_size, mcfg.vocab_size, f"tokenizer of {model_dir} (with {method.name}'s tokens)",
                      str(model_dir))
     res = evaluate(method, valid, graphdef, params, final_stage(method, cfg), batch_size=cfg.eval.batch_size,

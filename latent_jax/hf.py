@@ -40,7 +40,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
                            tie_embeddings=True, attn_bias=True, mlp_bias=True,
                            embd_dropout=float(hf.get("embd_pdrop", 0.1)),
                            resid_dropout=float(hf.get("resid_pdrop", 0.1)),
-                           attn_dropout=float(hf.get("attn_pdrop", 0.1)), smear_keys=_smear(hf),
+                           attn_dropout=float(hf.get("attn_pdrop", 0.1)), **_extras(hf),
                            bos_token_id=hf.get("bos_token_id"),
                            eos_token_id=_first(hf.get("eos_token_id")))
     if hf.get("hidden_act", "silu") != "silu":
@@ -60,15 +60,21 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
                        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_theta=float(theta),
                        rope_scaling=scaling, attn_bias=bool(hf.get("attention_bias", False)),
                        mlp_bias=bool(hf.get("mlp_bias", False)), attn_dropout=float(hf.get("attention_dropout", 0.0)),
-                       smear_keys=_smear(hf), bos_token_id=hf.get("bos_token_id"),
+                       **_extras(hf), bos_token_id=hf.get("bos_token_id"),
                        eos_token_id=_first(hf.get("eos_token_id")))
 
 
 SMEAR_KEY = "latent_jax_smear_keys"  # config.json flag of our smeared-keys attention (not a transformers option)
 
 
-def _smear(hf: dict) -> bool:
-    return bool(hf.get(SMEAR_KEY, False))
+PROJ_DIM_KEY, PROJ_NORM_KEY = "latent_jax_thought_proj_dim", "latent_jax_thought_proj_norm"  # CODI's projection
+PRJ = "latent_jax.prj."  # its tensors, named as the reference's torch nn.Sequential (1: Linear, 3: Linear, ln)
+
+
+def _extras(hf: dict) -> dict:
+    """Our ModelConfig fields that transformers has no option for, from config.json."""
+    return dict(smear_keys=bool(hf.get(SMEAR_KEY, False)), thought_proj_dim=int(hf.get(PROJ_DIM_KEY, 0)),
+                thought_proj_norm=bool(hf.get(PROJ_NORM_KEY, True)))
 
 
 def _first(x):
@@ -78,7 +84,9 @@ def _first(x):
 def config_to_hf(cfg: ModelConfig) -> dict:
     common = dict(vocab_size=cfg.vocab_size, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
                   tie_word_embeddings=cfg.tie_embeddings, torch_dtype=cfg.param_dtype,
-                  **({SMEAR_KEY: True} if cfg.smear_keys else {}))
+                  **({SMEAR_KEY: True} if cfg.smear_keys else {}),
+                  **({PROJ_DIM_KEY: cfg.thought_proj_dim, PROJ_NORM_KEY: cfg.thought_proj_norm}
+                     if cfg.thought_proj_dim else {}))
     if cfg.family == "gpt2":
         return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=cfg.d_model,
                     n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff, n_positions=cfg.max_positions,
@@ -94,6 +102,21 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 
 def _groups(cfg: ModelConfig) -> list[Group]:
+    return _model_groups(cfg) + _proj_groups(cfg)
+
+
+def _proj_groups(cfg: ModelConfig) -> list[Group]:
+    if not cfg.thought_proj_dim:
+        return []
+    T = lambda a: [np.ascontiguousarray(a[0].T)]  # noqa: E731 (torch Linear weights are [out, in])
+    g = [([PRJ + "1.weight"], ["thought_proj.w_in"], T, T), ([PRJ + "1.bias"], ["thought_proj.b_in"], list, list),
+         ([PRJ + "3.weight"], ["thought_proj.w_out"], T, T), ([PRJ + "3.bias"], ["thought_proj.b_out"], list, list)]
+    if cfg.thought_proj_norm:
+        g.append(([PRJ + "ln.weight", PRJ + "ln.bias"], ["thought_proj.ln_scale", "thought_proj.ln_bias"], list, list))
+    return g
+
+
+def _model_groups(cfg: ModelConfig) -> list[Group]:
     D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     one = lambda a: [a[0]]  # noqa: E731
     g: list[Group] = []
@@ -216,7 +239,7 @@ def load_hf(path_or_id, param_dtype: str = "float32", dtype: str | None = None):
     reader = _Reader(folder)
     raw_name = {k: k for k in reader.location}  # normalised name -> name in the file
     if cfg.family == "gpt2":  # original GPT-2 files have no "transformer." prefix
-        raw_name = {(k if k.startswith(("transformer.", "lm_head")) else "transformer." + k): k
+        raw_name = {(k if k.startswith(("transformer.", "lm_head", PRJ)) else "transformer." + k): k
                     for k in reader.location}
     names = raw_name
     flat, used = {}, set()

@@ -21,14 +21,18 @@ from latent_jax.models import embed_tokens, forward, get_config, init_cache
 
 
 def latent_forward(graphdef, params, tokens, mask, latent, prefix_len: int, n_latent: int, positions=None,
-                   dropout_rng=None):
+                   dropout_rng=None, next_input=None, return_all_hidden: bool = False):
     """Logits [B, T, V] (f32) of a batch with continuous thoughts. positions [B, T] (optional, int): explicit
     position ids, e.g. an HF batch's `position_ids`; default: each row's real tokens count 0, 1, ... (padding takes
     no position), which is what the reference's collator writes. dropout_rng: training-mode dropout (the model
-    config's rates); every pass draws its masks by column, so the result equals n+1 full passes with that key."""
+    config's rates); every pass draws its masks by column, so the result equals n+1 full passes with that key.
+    next_input(graphdef, params, h_BxD) -> x_BxD: what a latent slot is fed, from the previous column's final hidden
+    state (None: h itself, Coconut; CODI: its projection). return_all_hidden: also every layer's hidden states
+    [L+1, B, T, D] (the embeddings and each block's output, the last after the final norm: HF's order)."""
     if n_latent == 0:
-        return forward(graphdef, params, tokens=tokens, mask=mask, positions=positions,
-                       dropout_rng=dropout_rng).logits
+        o = forward(graphdef, params, tokens=tokens, mask=mask, positions=positions, dropout_rng=dropout_rng,
+                    return_all_hidden=return_all_hidden)
+        return (o.logits, jnp.stack(o.all_hidden)) if return_all_hidden else o.logits
     cfg = get_config(graphdef, params)
     B, T = tokens.shape
     P, n = prefix_len, n_latent
@@ -36,22 +40,30 @@ def latent_forward(graphdef, params, tokens, mask, latent, prefix_len: int, n_la
     cache = init_cache(cfg, B, T)
     pos = (lambda a, b: None) if positions is None else (lambda a, b: jax.lax.slice_in_dim(positions, a, b, axis=1))
     pre = forward(graphdef, params, embeds=emb_BxTxD[:, :P], mask=mask[:, :P], cache=cache, positions=pos(0, P),
-                  dropout_rng=dropout_rng)
+                  dropout_rng=dropout_rng, return_all_hidden=return_all_hidden)
+    feed = (lambda h: h) if next_input is None else (lambda h: next_input(graphdef, params, h))
 
     def column(k, h_prev_BxD, _logits, extra):  # a latent slot takes the previous column's hidden state
         col = P + k
         tok_emb = jax.lax.dynamic_index_in_dim(emb_BxTxD, col, axis=1, keepdims=False)
         is_latent = jax.lax.dynamic_index_in_dim(latent, col, axis=1, keepdims=False)
-        x_BxD = jnp.where(is_latent[:, None], h_prev_BxD.astype(tok_emb.dtype), tok_emb)
+        x_BxD = jnp.where(is_latent[:, None], feed(h_prev_BxD).astype(tok_emb.dtype), tok_emb)
         m_B = jax.lax.dynamic_index_in_dim(mask, col, axis=1, keepdims=False)
         p = None if positions is None else jax.lax.dynamic_slice_in_dim(positions, col, 1, axis=1)
         return x_BxD, m_B, p, extra
 
-    cache, *_, logits_nxBxV = thought_loop(graphdef, params, pre.cache, pre.hidden[:, -1], pre.logits[:, -1],
-                                           jnp.arange(n), column, dropout_rng=dropout_rng, collect="out")
+    cache, *_, trace = thought_loop(graphdef, params, pre.cache, pre.hidden[:, -1], pre.logits[:, -1],
+                                    jnp.arange(n), column, dropout_rng=dropout_rng,
+                                    collect="layers" if return_all_hidden else "out")
     rest = forward(graphdef, params, embeds=emb_BxTxD[:, P + n:], mask=mask[:, P + n:], cache=cache,
-                   positions=pos(P + n, T), dropout_rng=dropout_rng)
-    return jnp.concatenate([pre.logits, jnp.swapaxes(logits_nxBxV, 0, 1), rest.logits], axis=1)
+                   positions=pos(P + n, T), dropout_rng=dropout_rng, return_all_hidden=return_all_hidden)
+    logits_nxBxV = trace[0] if return_all_hidden else trace
+    logits = jnp.concatenate([pre.logits, jnp.swapaxes(logits_nxBxV, 0, 1), rest.logits], axis=1)
+    if not return_all_hidden:
+        return logits
+    layers_nxLxBxD = trace[1]
+    return logits, jnp.concatenate([jnp.stack(pre.all_hidden), jnp.transpose(layers_nxLxBxD, (1, 2, 0, 3)),
+                                    jnp.stack(rest.all_hidden)], axis=2)
 
 
 def thought_loop(graphdef, params, cache, h_BxD, logits_BxV, xs, step, extra=None, *, dropout_rng=None,
@@ -62,8 +74,10 @@ def thought_loop(graphdef, params, cache, h_BxD, logits_BxV, xs, step, extra=Non
     fed position. Coconut feeds h (training: h where the column is latent, else the column's token); Soft Thinking
     a concept token. Rows with feed False write a masked slot (never attended, no position) and keep (h, logits).
     skip_idle: skip the forward pass of a step where no row feeds (early-stopping loops). collect: None, "out"
-    (the logits of every step's position [n, B, V]) or "in" (every step's input [n, B, D] and the logits it came
-    from [n, B, V]). Returns (cache, h, logits, extra, trace)."""
+    (the logits of every step's position [n, B, V]), "in" (every step's input [n, B, D] and the logits it came
+    from [n, B, V]) or "layers" (the logits [n, B, V] and every layer's hidden state [n, L+1, B, D] of each step's
+    position). Returns (cache, h, logits, extra, trace)."""
+    layers = collect == "layers"
 
     def body(carry, x):
         cache, h, z, extra = carry
@@ -71,15 +85,15 @@ def thought_loop(graphdef, params, cache, h_BxD, logits_BxV, xs, step, extra=Non
 
         def run(cache):
             o = forward(graphdef, params, embeds=inp_BxD[:, None], mask=feed_B[:, None], cache=cache,
-                        positions=pos, dropout_rng=dropout_rng)
-            return o.cache, o.hidden[:, 0], o.logits[:, 0]
+                        positions=pos, dropout_rng=dropout_rng, return_all_hidden=layers)
+            return o.cache, o.hidden[:, 0], o.logits[:, 0], (jnp.stack(o.all_hidden)[:, :, 0] if layers else None)
 
         if skip_idle:
-            cache2, h_new, z_new = jax.lax.cond(jnp.any(feed_B), run, lambda c: (c, h, z), cache)
+            cache2, h_new, z_new, hs = jax.lax.cond(jnp.any(feed_B), run, lambda c: (c, h, z, None), cache)
         else:
-            cache2, h_new, z_new = run(cache)
+            cache2, h_new, z_new, hs = run(cache)
         a = feed_B[:, None]
-        trace = {"out": z_new, "in": (inp_BxD, z), None: None}[collect]
+        trace = {"out": z_new, "in": (inp_BxD, z), "layers": (z_new, hs), None: None}[collect]
         return (cache2, jnp.where(a, h_new, h), jnp.where(a, z_new, z), extra), trace
 
     (cache, h, z, extra), trace = jax.lax.scan(body, (cache, h_BxD, logits_BxV, extra), xs)
@@ -96,20 +110,25 @@ def loss_fn(params, graphdef, batch: dict, prefix_len: int, n_latent: int, rng=N
     return loss, {"loss_sum": total, "n_tokens": count, "n_correct": correct}
 
 
-def feed_thoughts(graphdef, params, cache, h_BxD, logits_BxV, active_nxB, collect: bool = False):
+def feed_thoughts(graphdef, params, cache, h_BxD, logits_BxV, active_nxB, collect: bool = False, next_input=None):
     """Coconut's thoughts in generation and analysis (`thought_loop` with the hidden state as the next input): at
-    step k the rows with active[k] feed their last final hidden state. Returns (cache, h [B, D], logits [B, V], and
-    with `collect` the per-step inputs [n, B, D] and the logits they came from [n, B, V], else None)."""
+    step k the rows with active[k] feed their last final hidden state (or `next_input(graphdef, params, h)`, e.g.
+    CODI's projection). Returns (cache, h [B, D], logits [B, V], and with `collect` the per-step inputs [n, B, D]
+    and the logits they came from [n, B, V], else None)."""
+    feed = (lambda h: h) if next_input is None else (lambda h: next_input(graphdef, params, h))
     cache, h, z, _, trace = thought_loop(graphdef, params, cache, h_BxD, logits_BxV, active_nxB,
-                                         lambda a_B, h, z, e: (h, a_B, None, e), collect="in" if collect else None)
+                                         lambda a_B, h, z, e: (feed(h), a_B, None, e),
+                                         collect="in" if collect else None)
     return cache, h, z, trace
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_latent", "sampling", "eos_ids", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_latent", "sampling", "eos_ids", "pad_id", "next_input"))
 def latent_generate_padded(graphdef, params, prefix_BxP, prefix_mask_BxP, think_mask_Bxn, suffix_BxS, rng, *,
-                           n_latent: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], pad_id: int):
-    """Prefix (left-padded) -> n thoughts (each the previous final hidden state; row i thinks in the last
-    sum(think_mask[i]) columns, right-aligned) -> suffix tokens (e.g. <eot>) -> decode. One compile per bucket."""
+                           n_latent: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], pad_id: int,
+                           next_input=None):
+    """Prefix (left-padded) -> n thoughts (each the previous final hidden state, or `next_input` of it; row i
+    thinks in the last sum(think_mask[i]) columns, right-aligned) -> suffix tokens (e.g. <eot>) -> decode. One
+    compile per bucket."""
     cfg = get_config(graphdef, params)
     B, P = prefix_BxP.shape
     S = suffix_BxS.shape[1]
@@ -117,7 +136,7 @@ def latent_generate_padded(graphdef, params, prefix_BxP, prefix_mask_BxP, think_
     o = forward(graphdef, params, tokens=prefix_BxP, mask=prefix_mask_BxP, cache=cache)
 
     cache, _, last, _ = feed_thoughts(graphdef, params, o.cache, o.hidden[:, -1], o.logits[:, -1],
-                                      jnp.swapaxes(think_mask_Bxn, 0, 1))
+                                      jnp.swapaxes(think_mask_Bxn, 0, 1), next_input=next_input)
     if S:
         o = forward(graphdef, params, tokens=suffix_BxS, cache=cache)
         cache, last = o.cache, o.logits[:, -1]
@@ -125,8 +144,9 @@ def latent_generate_padded(graphdef, params, prefix_BxP, prefix_mask_BxP, think_
 
 
 def generate_prompts(graphdef, params, prompts: Sequence[Prompt], sampling: SamplingConfig, eos_id: int,
-                     pad_id: int, seed: int = 0, bucket: int = 16, batch_size: int | None = None):
-    """Generate for a batch of `Prompt`s. Returns list of token lists (EOS included)."""
+                     pad_id: int, seed: int = 0, bucket: int = 16, batch_size: int | None = None, next_input=None):
+    """Generate for a batch of `Prompt`s (`next_input`: as `latent_generate_padded`). Returns list of token lists
+    (EOS included)."""
     cfg = get_config(graphdef, params)
     prefix, mask, think, suffix = layout_prompts(prompts, pad_id, bucket, batch_size)
     # positions count real tokens only (left padding takes cache slots, not positions)
@@ -137,6 +157,6 @@ def generate_prompts(graphdef, params, prompts: Sequence[Prompt], sampling: Samp
                          f" max_positions {cfg.max_positions}")
     out, lengths = latent_generate_padded(graphdef, params, prefix, mask, think, suffix, jax.random.PRNGKey(seed),
                                           n_latent=think.shape[1], sampling=sampling, eos_ids=(eos_id,),
-                                          pad_id=pad_id)
+                                          pad_id=pad_id, next_input=next_input)
     out, lengths = np.asarray(out), np.asarray(lengths)
     return [out[i, :lengths[i]].tolist() for i in range(len(prompts))]

@@ -26,6 +26,7 @@ REGISTRY: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "token_assorted": ("token_assorted", "TokenAssorted", "TokenAssortedConfig", {}),
     "soft_thinking": ("soft_thinking", "SoftThinking", "SoftThinkingConfig", {}),
     "superposition": ("superposition", "Superposition", "SuperpositionConfig", {}),
+    "codi": ("codi", "CODI", "CODIConfig", {}),
 }
 # methods whose module is installed (a partial checkout may lack some)
 METHODS = tuple(n for n, (mod, *_) in REGISTRY.items() if importlib.util.find_spec(f"latent_jax.methods.{mod}"))
@@ -94,12 +95,14 @@ def build_method(name: str, tokenizer: Tokenizer, **options: Any):
 
 def prepare_model(method, model_cfg, graphdef, params):
     """Grow the model's vocabulary to the tokenizer's (new special tokens copy `init_token`'s embedding, as the
-    Coconut reference does). Returns (model_cfg, graphdef, params), unchanged when nothing was added."""
+    Coconut reference does), then `method.adapt_model(..., training=True)` (CODI: its thought projection).
+    Returns (model_cfg, graphdef, params), unchanged when nothing was added."""
     from latent_jax.params import resize_vocab
 
-    if method.tok.vocab_size <= model_cfg.vocab_size:
-        return model_cfg, graphdef, params
-    return resize_vocab(model_cfg, params, method.tok.vocab_size, init_from=method.init_token_id())
+    if method.tok.vocab_size > model_cfg.vocab_size:
+        model_cfg, graphdef, params = resize_vocab(model_cfg, params, method.tok.vocab_size,
+                                                   init_from=method.init_token_id())
+    return method.adapt_model(model_cfg, graphdef, params, training=True)
 
 
 __all__ = ["CURRICULUM_KEYS", "Curriculum", "IGNORE", "Batch", "Example", "Method", "Prompt", "collate", "Coconut",

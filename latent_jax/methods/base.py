@@ -82,8 +82,8 @@ class Method:
       curriculum           `latent_jax.curriculum.Curriculum` (epochs_per_stage, uniform_prob, reset_optimizer):
                            set by `build_method` from the method section's curriculum keys; default Curriculum()
     Required: `encode`, `prompt`. Hooks with defaults (override what the method needs):
-      num_stages, init_token_id, schedule (-> stage_at), example_stage, collate, loss_for_stage, on_stage_start,
-      get_state / set_state, prepare_data, generate, eligible_for_best, stage_note. Shared helper:
+      num_stages, init_token_id, schedule (-> stage_at), example_stage, collate, loss_for_stage, adapt_model,
+      on_stage_start, get_state / set_state, prepare_data, generate, eligible_for_best, stage_note. Shared helper:
       `record_tokens(record)` (question / steps / answer token ids, the layout every reference uses).
     """
 
@@ -174,6 +174,12 @@ class Method:
         (`latent-jax vqvae`: Token Assorted's VQ-VAE, which `prepare_data` then finds). Default: the method has none,
         a ValueError."""
         raise ValueError(f"method {self.name!r} has no auxiliary model to fit (token_assorted's VQ-VAE is one)")
+
+    def adapt_model(self, model_cfg, graphdef, params, training: bool):
+        """The model the method runs on, after its vocabulary grew (`methods.prepare_model`, training: True) or as
+        loaded for evaluation / analysis (training: False): CODI adds its thought projection for training and
+        refuses a model without one for evaluation. Returns (model_cfg, graphdef, params); default unchanged."""
+        return model_cfg, graphdef, params
 
     def on_stage_start(self, stage: int, graphdef, params, records: Sequence[dict[str, Any]]) -> None:
         """Called before an epoch whose first stage differs from the previous step's (LT-Tuning rebuilds its data

@@ -184,3 +184,30 @@ class Mlp(nnx.Module):
         else:
             h_BxTxF = jax.nn.gelu(h_BxTxF, approximate=True)
         return lin(self.w_out, self.b_out, h_BxTxF, "BTF,FD->BTD")
+
+
+class ThoughtProjection(nnx.Module):
+    """CODI's projection of a final hidden state before it is fed back as a thought: Linear(D, P) -> GELU (exact)
+    -> Linear(P, D) -> LayerNorm(D) (optional; a LayerNorm for both families, as the reference's nn.LayerNorm)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, P = cfg.d_model, cfg.thought_proj_dim
+        self.eps = 1e-5
+        self.w_in = param(rngs, (D, P), ("embed", "mlp"), cfg)
+        self.b_in = param(rngs, (P,), ("mlp",), cfg, init="zeros")
+        self.w_out = param(rngs, (P, D), ("mlp", "embed"), cfg)
+        self.b_out = param(rngs, (D,), ("embed",), cfg, init="zeros")
+        self.ln_scale = param(rngs, (D,), ("norm",), cfg, init="ones") if cfg.thought_proj_norm else None
+        self.ln_bias = param(rngs, (D,), ("norm",), cfg, init="zeros") if cfg.thought_proj_norm else None
+
+    def __call__(self, h_BxD):
+        dt = h_BxD.dtype
+        x = jnp.einsum("BD,DP->BP", h_BxD, self.w_in[...].astype(dt)) + self.b_in[...].astype(dt)
+        x = jnp.einsum("BP,PD->BD", jax.nn.gelu(x, approximate=False), self.w_out[...].astype(dt))
+        x = x + self.b_out[...].astype(dt)
+        if self.ln_scale is None:
+            return x
+        y = x.astype(jnp.float32)
+        mean = jnp.mean(y, axis=-1, keepdims=True)
+        y = (y - mean) * jax.lax.rsqrt(jnp.mean(jnp.square(y - mean), axis=-1, keepdims=True) + self.eps)
+        return (y * self.ln_scale[...].astype(jnp.float32) + self.ln_bias[...].astype(jnp.float32)).astype(dt)

@@ -13,7 +13,7 @@ from flax import nnx, struct
 
 from latent_jax.config import ModelConfig
 from latent_jax.models.dropout import dropout_BxT, site_key
-from latent_jax.models.layers import Attention, Mlp, Norm, param
+from latent_jax.models.layers import Attention, Mlp, Norm, ThoughtProjection, param
 from latent_jax.sharding import ACT_BTD, constrain
 
 # jax.checkpoint policy per ModelConfig.remat ("none": no remat)
@@ -96,6 +96,7 @@ class Transformer(nnx.Module):
         self.final_norm = Norm(cfg, rngs)
         self.lm_head = (None if cfg.tie_embeddings
                         else param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg))
+        self.thought_proj = ThoughtProjection(cfg, rngs) if cfg.thought_proj_dim else None
 
     def embed_tokens(self, tokens_BxT):
         return constrain(jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype), ACT_BTD)
@@ -180,6 +181,24 @@ def with_remat(graphdef, params, remat: str):
 
 def embed_tokens(graphdef, params, tokens_BxT):
     return nnx.merge(graphdef, params).embed_tokens(tokens_BxT)
+
+
+def project_thought(graphdef, params, h_BxD):
+    """The model's thought projection (CODI) of final hidden states [B, D]; a ValueError if it has none."""
+    model = nnx.merge(graphdef, params)
+    if model.thought_proj is None:
+        raise ValueError("this model has no thought projection (ModelConfig.thought_proj_dim = 0)")
+    return model.thought_proj(h_BxD)
+
+
+def add_thought_projection(cfg: ModelConfig, params, dim: int, norm: bool = True, seed: int = 0):
+    """(cfg, graphdef, params) of the same model with a fresh thought projection of width `dim` (CODI training)."""
+    from latent_jax.params import flatten_params, params_from_flat
+
+    new_cfg = cfg.replace(thought_proj_dim=dim, thought_proj_norm=norm)
+    proj = nnx.state(ThoughtProjection(new_cfg, nnx.Rngs(params=seed)))
+    flat = {**flatten_params(params), **{f"thought_proj.{k}": v for k, v in flatten_params(proj).items()}}
+    return (new_cfg, *params_from_flat(new_cfg, flat, source="thought projection"))
 
 
 def get_config(graphdef, params) -> ModelConfig:
