@@ -119,8 +119,8 @@ def correlations(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------------------------------------ thought decoding
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_latent"))
-def thought_states(graphdef, params, prefix_BxP, prefix_mask_BxP, *, n_latent: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_latent", "next_input"))
+def thought_states(graphdef, params, prefix_BxP, prefix_mask_BxP, *, n_latent: int, next_input=None):
     """Left-padded prefix (ending in <bot>) -> n continuous thoughts. Returns (hidden [B, n, D], probs [B, n, V]):
     hidden[:, k] is the vector fed as input of latent slot k (as `latent.latent_generate_padded`), probs[:, k] its
     LM-head decoding softmax(h @ W_head^T) (the forward pass's logits at the position that produced it)."""
@@ -129,18 +129,20 @@ def thought_states(graphdef, params, prefix_BxP, prefix_mask_BxP, *, n_latent: i
     o = forward(graphdef, params, tokens=prefix_BxP, mask=prefix_mask_BxP, cache=init_cache(cfg, B, P + n_latent))
 
     *_, (h_nxBxD, logits_nxBxV) = feed_thoughts(graphdef, params, o.cache, o.hidden[:, -1], o.logits[:, -1],
-                                                jnp.ones((n_latent, B), bool), collect=True)
+                                                jnp.ones((n_latent, B), bool), collect=True, next_input=next_input)
     return jnp.swapaxes(h_nxBxD, 0, 1), jax.nn.softmax(jnp.swapaxes(logits_nxBxV, 0, 1).astype(jnp.float32), -1)
 
 
-def decode_thoughts(graphdef, params, prompts, pad_id: int, batch_size: int | None = None, bucket: int = 16):
+def decode_thoughts(graphdef, params, prompts, pad_id: int, batch_size: int | None = None, bucket: int = 16,
+                    next_input=None):
     """Thoughts of a batch of `Prompt`s (all rows run the batch's max n_latent; row i keeps its first
-    prompts[i].n_latent). Returns numpy (hidden [B, n, D], probs [B, n, V]) for the len(prompts) rows."""
+    prompts[i].n_latent; `next_input`: the method's, e.g. CODI's projection). Returns numpy (hidden [B, n, D]: the
+    vectors fed, probs [B, n, V]) for the len(prompts) rows."""
     prefix, mask, think, _ = layout_prompts(prompts, pad_id, bucket, batch_size)
     n = think.shape[1]
     if prefix.shape[1] + n > get_config(graphdef, params).max_positions:
         raise ValueError(f"prompt + {n} thoughts exceed the model's max_positions")
-    h, p = thought_states(graphdef, params, prefix, mask, n_latent=n)
+    h, p = thought_states(graphdef, params, prefix, mask, n_latent=n, next_input=next_input)
     return np.asarray(h)[:len(prompts)], np.asarray(p)[:len(prompts)]
 
 
@@ -191,7 +193,8 @@ def analyze_records(method, records: Sequence[dict], graphdef, params, stage: in
         prompts = [method.prompt(r, stage) for r in chunk]
         if max(p.n_latent for p in prompts) == 0:
             raise ValueError(f"stage {stage} prompts have no continuous thoughts")
-        _, probs = decode_thoughts(graphdef, params, prompts, pad_id, batch_size=batch_size)
+        _, probs = decode_thoughts(graphdef, params, prompts, pad_id, batch_size=batch_size,
+                                   next_input=method.next_input)
         for i, (r, p) in enumerate(zip(chunk, prompts)):
             g = graph_facts(r)
             ids = node_token_ids(tok, r["idx_to_symbol"])

@@ -250,6 +250,12 @@ def test_generation_feeds_projected_thoughts_and_transformers_still_loads_the_ex
     args = (graphdef, params, o.cache, o.hidden[:, -1], o.logits[:, -1], jnp.ones((p.n_latent, 1), bool))
     np.testing.assert_allclose(feed_thoughts(*args, next_input=m.next_input)[2][0], want, atol=1e-5)
     assert float(jnp.max(jnp.abs(feed_thoughts(*args)[2][0] - want))) > 1e-3
+    # analysis decodes the same thoughts: the vectors fed are the projections
+    from latent_jax.analysis import decode_thoughts
+
+    fed, _ = decode_thoughts(graphdef, params, [p], pad_id=0, next_input=m.next_input)
+    want_fed = jnp.concatenate([x[0, len(p.prefix):], project_thought(graphdef, params, want_h)], axis=0)
+    np.testing.assert_allclose(fed[0], want_fed, atol=1e-5)
     _, graphdef, params = setup(n_latent=2, proj_dim=16)  # GPT-2 exports are tied
     cfg = tiny_config(vocab_size=m.tok.vocab_size, d_model=32, head_dim=8, d_ff=64, thought_proj_dim=16)
     folder = save_hf(tmp_path / "export", cfg, params)

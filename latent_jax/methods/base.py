@@ -76,6 +76,9 @@ class Method:
       tok                  its tokenizer (special tokens already added); cfg: its frozen config dataclass
       special_tokens       tokens it adds to the tokenizer (default none)
       uses_hidden_thoughts thoughts are final hidden states fed back (Coconut): `latent-jax analyze` applies
+      next_input           what a thought slot is fed, from the previous final hidden state: None (default) the
+                           hidden state itself (Coconut); else `f(graphdef, params, h_BxD) -> x_BxD` (CODI: its
+                           projection). The default `generate` and analysis feed thoughts with it
       thoughts_per_step    continuous thoughts per replaced reasoning step (Coconut's c_thought; default 1)
       max_latent_stage     the last latent stage of a Coconut-style curriculum; None (default): the method has
                            no such curriculum (its scheduled stage then goes 0, 1 and stays there)
@@ -90,6 +93,7 @@ class Method:
     name: str = "method"
     special_tokens: tuple[str, ...] = ()
     uses_hidden_thoughts: bool = False
+    next_input: Callable | None = None
     thoughts_per_step: int = 1
     max_latent_stage: int | None = None
     curriculum: Curriculum = Curriculum()
@@ -198,10 +202,12 @@ class Method:
     def generate(self, graphdef, params, prompts: Sequence[Prompt], sampling, eos_id: int, pad_id: int,
                  batch_size: int | None = None) -> list[list[int]]:
         """Decode a batch of prompts for evaluation (token lists, EOS included). Default: the shared latent
-        generation (`latent.generate_prompts`: prefix, thoughts fed back as hidden states, suffix, decode)."""
+        generation (`latent.generate_prompts`: prefix, thoughts fed back as hidden states (`next_input` of them),
+        suffix, decode)."""
         from latent_jax.latent import generate_prompts
 
-        return generate_prompts(graphdef, params, prompts, sampling, eos_id, pad_id, batch_size=batch_size)
+        return generate_prompts(graphdef, params, prompts, sampling, eos_id, pad_id, batch_size=batch_size,
+                                next_input=self.next_input)
 
 
 @functools.lru_cache(maxsize=100_000)

@@ -87,10 +87,12 @@ class CODIExample(Example):
 
 class CODI(Method):
     """CODI behind the `Method` interface: `encode` gives both layouts, `collate` lays them out as one batch,
-    `loss_for_stage` the three-part loss, `adapt_model` adds the projection, `generate` uses it."""
+    `loss_for_stage` the three-part loss, `adapt_model` adds the projection, `next_input` feeds thoughts through it
+    (the base class's generation and analysis use it)."""
 
     name = "codi"
     special_tokens = (BOT, EOT, LATENT)
+    uses_hidden_thoughts = True  # fed back through `next_input` (the projection): `latent-jax analyze` applies
 
     def __init__(self, tokenizer: Tokenizer, cfg: CODIConfig = CODIConfig()):
         self.tok, self.cfg = tokenizer, cfg
@@ -169,13 +171,6 @@ class CODI(Method):
                          f" this model has " + (f"width {have} (norm {model_cfg.thought_proj_norm})" if have else
                                                 "none: an export without CODI's projection weights (latent_jax.prj.*)"
                                                 " cannot run CODI's thoughts"))
-
-    def generate(self, graphdef, params, prompts: Sequence[Prompt], sampling, eos_id: int, pad_id: int,
-                 batch_size: int | None = None) -> list[list[int]]:
-        from latent_jax.latent import generate_prompts
-
-        return generate_prompts(graphdef, params, prompts, sampling, eos_id, pad_id, batch_size=batch_size,
-                                next_input=self.next_input)
 
 
 def project_hidden(graphdef, params, h_BxD):
