@@ -41,7 +41,7 @@ def latent_forward(graphdef, params, tokens, mask, latent, prefix_len: int, n_la
     pos = (lambda a, b: None) if positions is None else (lambda a, b: jax.lax.slice_in_dim(positions, a, b, axis=1))
     pre = forward(graphdef, params, embeds=emb_BxTxD[:, :P], mask=mask[:, :P], cache=cache, positions=pos(0, P),
                   dropout_rng=dropout_rng, return_all_hidden=return_all_hidden)
-    feed = (lambda h: h) if next_input is None else (lambda h: next_input(graphdef, params, h))
+    feed = _feeder(graphdef, params, next_input)
 
     def column(k, h_prev_BxD, _logits, extra):  # a latent slot takes the previous column's hidden state
         col = P + k
@@ -64,6 +64,11 @@ def latent_forward(graphdef, params, tokens, mask, latent, prefix_len: int, n_la
     layers_nxLxBxD = trace[1]
     return logits, jnp.concatenate([jnp.stack(pre.all_hidden), jnp.transpose(layers_nxLxBxD, (1, 2, 0, 3)),
                                     jnp.stack(rest.all_hidden)], axis=2)
+
+
+def _feeder(graphdef, params, next_input):
+    """h_BxD -> what a thought slot is fed: h itself (next_input None), else next_input(graphdef, params, h)."""
+    return (lambda h: h) if next_input is None else (lambda h: next_input(graphdef, params, h))
 
 
 def thought_loop(graphdef, params, cache, h_BxD, logits_BxV, xs, step, extra=None, *, dropout_rng=None,
@@ -115,7 +120,7 @@ def feed_thoughts(graphdef, params, cache, h_BxD, logits_BxV, active_nxB, collec
     step k the rows with active[k] feed their last final hidden state (or `next_input(graphdef, params, h)`, e.g.
     CODI's projection). Returns (cache, h [B, D], logits [B, V], and with `collect` the per-step inputs [n, B, D]
     and the logits they came from [n, B, V], else None)."""
-    feed = (lambda h: h) if next_input is None else (lambda h: next_input(graphdef, params, h))
+    feed = _feeder(graphdef, params, next_input)
     cache, h, z, _, trace = thought_loop(graphdef, params, cache, h_BxD, logits_BxV, active_nxB,
                                          lambda a_B, h, z, e: (feed(h), a_B, None, e),
                                          collect="in" if collect else None)

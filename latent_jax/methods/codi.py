@@ -35,6 +35,7 @@ from latent_jax.config import check_rules, coerce_numbers
 from latent_jax.layout import IGNORE, Batch, Example, Prompt, collate
 from latent_jax.methods.base import Method, first_token_id
 from latent_jax.methods.coconut import BOT, EOT, LATENT
+from latent_jax.models import add_thought_projection, project_thought
 from latent_jax.tokenizer import Tokenizer
 
 DISTILL_LOSSES = ("smooth_l1", "l1", "l2")
@@ -98,7 +99,7 @@ class CODI(Method):
         self.tok, self.cfg = tokenizer, cfg
         self.ids = dict(zip(self.special_tokens, tokenizer.add_special_tokens(list(self.special_tokens))))
         self._distill_ids = tuple(tokenizer.encode(cfg.distill_token.strip()))
-        self.next_input = None if cfg.proj_dim == 0 else project_hidden
+        self.next_input = None if cfg.proj_dim == 0 else project_thought
         self._loss = functools.partial(codi_loss, next_input=self.next_input, weights=(
             cfg.student_weight, cfg.teacher_weight, cfg.distill_weight), kind=cfg.distill_loss,
             std_norm=cfg.distill_std_norm)
@@ -159,8 +160,6 @@ class CODI(Method):
 
     def adapt_model(self, model_cfg, graphdef, params, training: bool):
         """Training: add the projection (fresh) to a model without one. Evaluation: the model must carry it."""
-        from latent_jax.models import add_thought_projection
-
         want = model_cfg.d_model if self.cfg.proj_dim is None else self.cfg.proj_dim
         have = model_cfg.thought_proj_dim
         if have == want and (not want or model_cfg.thought_proj_norm == self.cfg.proj_norm):
@@ -171,13 +170,6 @@ class CODI(Method):
                          f" this model has " + (f"width {have} (norm {model_cfg.thought_proj_norm})" if have else
                                                 "none: an export without CODI's projection weights (latent_jax.prj.*)"
                                                 " cannot run CODI's thoughts"))
-
-
-def project_hidden(graphdef, params, h_BxD):
-    """CODI's next input: the model's thought projection of a final hidden state."""
-    from latent_jax.models import project_thought
-
-    return project_thought(graphdef, params, h_BxD)
 
 
 def distill_terms(s_LxBxD, t_LxBxD, w_B, kind: str, std_norm: bool):
