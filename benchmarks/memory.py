@@ -10,6 +10,13 @@ for the backward pass, per device ≈ total / (data·fsdp); an upper bound when 
     python benchmarks/memory.py                                  # GPT-2-124M and Llama-3.2-1B, 32x512, 8 devices
     python benchmarks/memory.py --models gpt2-124m --meshes 2x2x2 --remat none,full,dots --out mem.json
     python benchmarks/memory.py --devices 0 ...                  # on a real multi-device machine: its devices
+    # issue 20: compile time against depth, list vs scanned layers, full vs chunked loss (Coconut, 6 thoughts)
+    python benchmarks/memory.py --models gpt2-124m,llama-3.2-1b,llama-3.2-3b,llama-3.1-8b --meshes 2x4x1 \
+        --remat none --n-latent 6 --scan false,true --loss-chunk 0,128 --out results/compile_scale.json
+
+Each row also gives the time to trace + lower (`lower_s`) and to compile (`compile_s`), the largest saved residual,
+the saved residuals with a vocabulary axis (the logits or their softmax; chunked, the head's gradient [V, D]) and
+`btv_residuals`: how many of those hold B*(T-1)*V or more elements (the shifted loss reads T - 1 positions).
 
 GPT-2's vocabulary is padded 50257 -> 50304 (a multiple of 128) so that a tensor axis can split it; a mesh whose
 axes do not divide a weight (GPT-2-124M has 12 heads: tensor=8) is reported as an error row.
@@ -36,20 +43,23 @@ def parse_args(argv=None):
     ap.add_argument("--devices", type=int, default=8, help="fake CPU devices; 0 = use the real devices")
     ap.add_argument("--out", default=None, help="also write the JSON list here")
     ap.add_argument("--full-opt", action="store_true", help="CPU: compile with LLVM's full pipeline (slower)")
+    ap.add_argument("--scan", default="auto", help="scan_layers values: auto, true, false (comma separated)")
+    ap.add_argument("--loss-chunk", default="0", help="loss_chunk values (0: full logits), comma separated")
     return ap.parse_args(argv)
 
 
-def model_config(name: str, remat: str, dtype: str):
+def model_config(name: str, remat: str, dtype: str, scan: bool | None = None, loss_chunk: int = 0):
     from latent_jax.config import gpt2_config, llama_config
 
+    kw = dict(remat=remat, dtype=dtype, scan_layers=scan, loss_chunk=loss_chunk)
     if name.startswith("gpt2-"):
-        return gpt2_config(name[5:], vocab_size=50304, remat=remat, dtype=dtype)
+        return gpt2_config(name[5:], vocab_size=50304, **kw)
     if name.startswith("llama-"):
-        return llama_config(name[6:], remat=remat, dtype=dtype)
+        return llama_config(name[6:], **kw)
     raise ValueError(f"unknown model {name!r}: gpt2-<size> or llama-<size>")
 
 
-def measure(name, mesh_shape, remat, args):
+def measure(name, mesh_shape, remat, args, scan=None, loss_chunk=0):
     import jax
     import jax.numpy as jnp
 
@@ -61,7 +71,7 @@ def measure(name, mesh_shape, remat, args):
     from latent_jax.sharding import MeshConfig, batch_sharding, make_mesh, tree_shardings
     from latent_jax.train.trainer import make_optimizer
 
-    cfg = model_config(name, remat, args.dtype)
+    cfg = model_config(name, remat, args.dtype, scan, loss_chunk)
     d, f, t = mesh_shape
     mesh = make_mesh(MeshConfig(ici_data=d, ici_fsdp=f, ici_tensor=t))
     graphdef, abstract = abstract_model(cfg)
@@ -88,15 +98,29 @@ def measure(name, mesh_shape, remat, args):
         # residuals: what the forward pass keeps for the backward pass (not counting params / batch), the part of
         # the activation memory that remat trades for compute; backend-independent, from jax's own bookkeeping
         res = saved_residuals(lambda pr, b: loss_fn(pr, graphdef, b, P, n)[0], abstract, batch)
-        res_bytes = sum(a.size * a.dtype.itemsize for a, why in res if "from the argument" not in why)
+        res = [(a, why) for a, why in res if "from the argument" not in why]
+        res_bytes = sum(a.size * a.dtype.itemsize for a, why in res)
+        biggest = max(res, key=lambda r: r[0].size)[0] if res else None
+        V = cfg.vocab_size  # residuals with a vocabulary axis: the logits / softmax (or, chunked, the head's grad)
+        vocab_res = [a for a, _ in res if V in a.shape]
+        btv = sum(a.size >= B * (T - 1) * V for a in vocab_res)  # the shifted logits: T - 1 positions
+        big_v = max(vocab_res, key=lambda a: a.size) if vocab_res else None
         t0 = time.perf_counter()
         opts = FAST if jax.default_backend() == "cpu" and not args.full_opt else None
-        m = jitted.lower(params, opt, batch).compile(compiler_options=opts).memory_analysis()
+        lowered = jitted.lower(params, opt, batch)
+        t1 = time.perf_counter()
+        m = lowered.compile(compiler_options=opts).memory_analysis()
+        t2 = time.perf_counter()
     peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
     return dict(peak_gib=round(peak / gib, 3), args_gib=round(m.argument_size_in_bytes / gib, 3),
                 temp_gib=round(m.temp_size_in_bytes / gib, 3),
                 residuals_gib=round(res_bytes / gib / (mesh.shape["data"] * mesh.shape["fsdp"]), 3),
-                params_m=round(cfg.num_params() / 1e6, 1), compile_s=round(time.perf_counter() - t0, 1))
+                params_m=round(cfg.num_params() / 1e6, 1), lower_s=round(t1 - t0, 1), compile_s=round(t2 - t1, 1),
+                scanned=cfg.scanned, loss_chunk=cfg.loss_chunk, n_layers=cfg.n_layers, btv_residuals=btv,
+                largest_residual=None if biggest is None else f"{biggest.dtype}{list(biggest.shape)}",
+                largest_vocab_residual=None if big_v is None else f"{big_v.dtype}{list(big_v.shape)}",
+                vocab_residuals_gib=round(sum(a.size * a.dtype.itemsize for a in vocab_res) / gib, 3),
+                xla_opt="full" if opts is None else "fast")
 
 
 def main(argv=None):
@@ -112,14 +136,20 @@ def main(argv=None):
         for mesh in args.meshes.split(","):
             shape = tuple(int(x) for x in mesh.split("x"))
             for remat in args.remat.split(","):
-                row = dict(model=name, mesh=mesh, remat=remat, batch=args.batch, length=args.length,
-                           n_latent=args.n_latent, dtype=args.dtype, device=jax.devices()[0].device_kind)
-                try:
-                    row.update(measure(name, shape, remat, args))
-                except ValueError as e:
-                    row["error"] = str(e)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                for scan in args.scan.split(","):
+                    for chunk in args.loss_chunk.split(","):
+                        row = dict(model=name, mesh=mesh, remat=remat, batch=args.batch, length=args.length,
+                                   n_latent=args.n_latent, dtype=args.dtype, device=jax.devices()[0].device_kind)
+                        scan_v = {"auto": None, "true": True, "false": False}[scan.strip().lower()]
+                        try:
+                            row.update(measure(name, shape, remat, args, scan_v, int(chunk)))
+                        except ValueError as e:
+                            row["error"] = str(e)
+                        print(json.dumps(row), flush=True)
+                        rows.append(row)
+                        if args.out:  # after every row: a long sweep keeps what it has measured
+                            with open(args.out, "w") as fh:
+                                json.dump(rows, fh, indent=1)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(rows, fh, indent=1)

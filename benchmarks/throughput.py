@@ -13,6 +13,7 @@ v5p 459, v6e 918 TFLOP/s); on a CPU there is none and MFU is null unless --peak-
     python benchmarks/throughput.py --size 124m --batch 32 --length 512 --dtype bfloat16     # GPU
     python benchmarks/throughput.py --size 124m --batch 32 --length 512 --mesh 1x8x1         # sharded train step
     python benchmarks/throughput.py --family llama --size 3.2-1b --batch 1 --length 64 --optimizer sgd   # 24 GB CPU
+    python benchmarks/throughput.py --size 124m --batch 4 --length 128 --scan false --loss-chunk 128   # issue 20
 """
 import argparse
 import contextlib
@@ -64,6 +65,8 @@ def main(argv=None):
     ap.add_argument("--remat", default="none")
     ap.add_argument("--mesh", default=None, help="data x fsdp x tensor for the train steps, e.g. 1x8x1")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--scan", default="auto", choices=["auto", "true", "false"], help="ModelConfig.scan_layers")
+    ap.add_argument("--loss-chunk", type=int, default=0, help="ModelConfig.loss_chunk (0: the full logits)")
     ap.add_argument("--decode-new", type=int, default=32)
     ap.add_argument("--decode-batches", default="1,32")
     ap.add_argument("--peak-tflops", type=float, default=None)
@@ -73,6 +76,7 @@ def main(argv=None):
 
     maker = gpt2_config if args.family == "gpt2" else llama_config
     kw = dict(vocab_size=50304) if args.family == "gpt2" and args.size != "tiny" else {}
+    kw.update(scan_layers={"auto": None, "true": True, "false": False}[args.scan], loss_chunk=args.loss_chunk)
     cfg = maker(args.size, dtype=args.dtype, param_dtype="float32", remat=args.remat, **kw)
     graphdef, params = init_model(cfg, seed=0)
     B, T, n = args.batch, args.length, args.n_latent
@@ -107,6 +111,7 @@ def main(argv=None):
     n_dev = len(mesh.devices.flat) if mesh is not None else 1
     out = dict(model=f"{args.family}-{args.size}", params_m=round(cfg.num_params() / 1e6, 2), batch=B, length=T,
                n_latent=n, dtype=args.dtype, remat=args.remat, optimizer=args.optimizer, mesh=args.mesh, device=kind,
+               scanned=cfg.scanned, loss_chunk=cfg.loss_chunk,
                n_devices=n_dev,
                backend=jax.default_backend(), train_flops_per_token=flops_tok, peak_tflops_per_device=peak)
     for name, (b, pl, nl) in {"plain": (batch, 0, 0), "coconut": (lat_batch, P, n)}.items():

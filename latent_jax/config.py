@@ -8,6 +8,8 @@ import jax.numpy as jnp
 
 FAMILIES = ("gpt2", "llama")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+SCAN_MIN_LAYERS = 8  # scan_layers None (auto): scan the decoder stack from this depth on, ...
+SCAN_ON_CPU = False  # ... on accelerators only: XLA:CPU copies each layer's weights out of the stack (see `scanned`)
 REMAT = ("none", "full", "dots")  # decoder-layer rematerialisation: off, recompute all, save matmuls
 DROPOUT_RATES = ("embd_dropout", "resid_dropout", "attn_dropout")
 
@@ -78,6 +80,14 @@ class ModelConfig:
            -> LayerNorm (`thought_proj_norm`), applied to a final hidden state before it is fed back as the next
            thought (`models.project_thought`). Exported as `latent_jax.prj.*` tensors (torch nn.Sequential names)
            with `latent_jax_thought_proj_dim` / `_norm` in config.json; `transformers` ignores them.
+    scan_layers: the decoder stack as one `lax.scan` over stacked per-layer params (True), a Python loop over a
+           list of blocks (False), or None (auto, the default): scanned from `SCAN_MIN_LAYERS` = 8 layers on, on GPU
+           and TPU (`scanned`). Compile time and program size then stay flat with depth (BUILD_NOTES, issue 20);
+           shallow models and CPU runs keep the list. Both layouts import / export the same HF names; a checkpoint
+           restores only into its own layout (the error names both).
+    loss_chunk: tokens per chunk of the training loss's LM head + cross-entropy (`latent_jax.loss`): the
+           [B, T, V] logits are never held, forward or backward. 0 (default): the full logits. A chunk that does
+           not divide the sequence is padded (the padding is ignored).
     Softmax, norms and the loss are always computed in float32.
     """
 
@@ -105,6 +115,8 @@ class ModelConfig:
     smear_keys: bool = False
     thought_proj_dim: int = 0
     thought_proj_norm: bool = True
+    scan_layers: bool | None = None
+    loss_chunk: int = 0
     bos_token_id: int | None = None
     eos_token_id: int | None = None
 
@@ -117,6 +129,10 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.thought_proj_dim < 0:
             raise ValueError(f"ModelConfig.thought_proj_dim must be >= 0 (0: none), got {self.thought_proj_dim}")
+        if self.scan_layers not in (None, True, False):
+            raise ValueError(f"ModelConfig.scan_layers={self.scan_layers!r}: true, false or null (auto)")
+        if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+            raise ValueError(f"ModelConfig.loss_chunk={self.loss_chunk!r} must be an integer >= 0 (0: unchunked)")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         for name in ("dtype", "param_dtype"):
@@ -129,6 +145,20 @@ class ModelConfig:
         for name in DROPOUT_RATES:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: a dropout rate is in [0, 1]")
+
+    @property
+    def scanned(self) -> bool:
+        """Whether the decoder stack is scanned: `scan_layers`, or (None, auto) n_layers >= SCAN_MIN_LAYERS on a GPU /
+        TPU backend. Not on CPU: XLA:CPU copies each layer's weights out of the stacked array before its matmuls, which
+        made GPT-2-124M's Coconut step 1.3x slower and its decoding 2.3x slower there (BUILD_NOTES, issue 20); the
+        model records the resolved value in its config (`Transformer.cfg`), so checkpoints name their layout."""
+        if self.scan_layers is not None:
+            return self.scan_layers
+        if self.n_layers < SCAN_MIN_LAYERS:
+            return False
+        import jax
+
+        return SCAN_ON_CPU or jax.default_backend() != "cpu"
 
     @property
     def has_dropout(self) -> bool:

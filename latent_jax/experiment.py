@@ -10,8 +10,8 @@ import json
 import pathlib
 import time
 
-from latent_jax.experiment_config import (REPO_CONFIGS, STEP_SEPARATORS, ExperimentConfig,  # noqa: F401
-                                          check_select, load_config, resolve_config_path, step_separator, thaw)
+from latent_jax.experiment_config import (REPO_CONFIGS, RUNTIME_OVERRIDES, STEP_SEPARATORS,  # noqa: F401
+                                          ExperimentConfig, check_select, load_config, resolve_config_path, step_separator, thaw)
 
 
 def valid_is_generated(d: dict) -> bool:
@@ -134,6 +134,11 @@ def build(cfg: ExperimentConfig, train_records, valid_records):
     method = build_method(cfg.method["name"], tok, **cfg.method_options)
     if pretrained:
         mcfg, graphdef, params = load_hf(folder, param_dtype=m.param_dtype, dtype=m.dtype)
+        runtime = {k: m.overrides[k] for k in RUNTIME_OVERRIDES if k in m.overrides}
+        if runtime:  # how the loaded weights run (layer layout, chunked loss): the weights themselves are kept
+            from latent_jax.params import relayout
+
+            mcfg, graphdef, params = relayout(mcfg, params, **runtime)
         if tok.vocab_size < mcfg.vocab_size:  # more tokens than rows is fine: prepare_model grows the vocabulary
             from latent_jax.tokenizer import check_vocab_fits
 

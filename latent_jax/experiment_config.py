@@ -100,9 +100,15 @@ class Section(Mapping):
         return dataclasses.replace(self, **changes)
 
 
+# ModelConfig fields a pretrained model may take from `model.overrides`: they change how its weights run, not them
+RUNTIME_OVERRIDES = ("scan_layers", "loss_chunk", "remat")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSection(Section):
-    """pretrained: a HF folder or hub id (null: random init of `family`/`size` + `overrides`, ModelConfig fields);
+    """pretrained: a HF folder or hub id (null: random init of `family`/`size` + `overrides`, ModelConfig fields;
+    with a pretrained model only `RUNTIME_OVERRIDES` apply: the layer layout, the loss chunk, remat; the others
+    describe a random init);
     compact_vocab: a random-init text model keeps only the tokens its records use."""
 
     pretrained: str | None = None

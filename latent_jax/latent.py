@@ -17,30 +17,37 @@ import numpy as np
 
 from latent_jax.generate import SamplingConfig, decode_loop
 from latent_jax.layout import Prompt, layout_prompts, token_loss  # noqa: F401 (token_loss re-exported)
-from latent_jax.models import embed_tokens, forward, get_config, init_cache
+from latent_jax.loss import chunked_token_loss
+from latent_jax.models import embed_tokens, forward, get_config, init_cache, lm_head
 
 
 def latent_forward(graphdef, params, tokens, mask, latent, prefix_len: int, n_latent: int, positions=None,
-                   dropout_rng=None, next_input=None, return_all_hidden: bool = False):
+                   dropout_rng=None, next_input=None, return_all_hidden: bool = False, output: str = "logits"):
     """Logits [B, T, V] (f32) of a batch with continuous thoughts. positions [B, T] (optional, int): explicit
     position ids, e.g. an HF batch's `position_ids`; default: each row's real tokens count 0, 1, ... (padding takes
     no position), which is what the reference's collator writes. dropout_rng: training-mode dropout (the model
     config's rates); every pass draws its masks by column, so the result equals n+1 full passes with that key.
     next_input(graphdef, params, h_BxD) -> x_BxD: what a latent slot is fed, from the previous column's final hidden
     state (None: h itself, Coconut; CODI: its projection). return_all_hidden: also every layer's hidden states
-    [L+1, B, T, D] (the embeddings and each block's output, the last after the final norm: HF's order)."""
+    [L+1, B, T, D] (the embeddings and each block's output, the last after the final norm: HF's order).
+    output "hidden": the final hidden states [B, T, D] in place of the logits, which are then never computed (a
+    loss that applies the head chunk by chunk, `latent_jax.loss`)."""
+    if output not in ("logits", "hidden"):
+        raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
+    want_logits = output == "logits"
+    pick = (lambda o: o.logits) if want_logits else (lambda o: o.hidden)
     if n_latent == 0:
         o = forward(graphdef, params, tokens=tokens, mask=mask, positions=positions, dropout_rng=dropout_rng,
-                    return_all_hidden=return_all_hidden)
-        return (o.logits, jnp.stack(o.all_hidden)) if return_all_hidden else o.logits
+                    return_all_hidden=return_all_hidden, return_logits=want_logits)
+        return (pick(o), jnp.stack(o.all_hidden)) if return_all_hidden else pick(o)
     cfg = get_config(graphdef, params)
     B, T = tokens.shape
     P, n = prefix_len, n_latent
     emb_BxTxD = embed_tokens(graphdef, params, tokens)
-    cache = init_cache(cfg, B, T)
+    cache = init_cache(cfg, B, T, in_place=False)  # differentiated: per-layer slices (models.stack)
     pos = (lambda a, b: None) if positions is None else (lambda a, b: jax.lax.slice_in_dim(positions, a, b, axis=1))
     pre = forward(graphdef, params, embeds=emb_BxTxD[:, :P], mask=mask[:, :P], cache=cache, positions=pos(0, P),
-                  dropout_rng=dropout_rng, return_all_hidden=return_all_hidden)
+                  dropout_rng=dropout_rng, return_all_hidden=return_all_hidden, return_logits=want_logits)
     feed = _feeder(graphdef, params, next_input)
 
     def column(k, h_prev_BxD, _logits, extra):  # a latent slot takes the previous column's hidden state
@@ -52,13 +59,14 @@ def latent_forward(graphdef, params, tokens, mask, latent, prefix_len: int, n_la
         p = None if positions is None else jax.lax.dynamic_slice_in_dim(positions, col, 1, axis=1)
         return x_BxD, m_B, p, extra
 
-    cache, *_, trace = thought_loop(graphdef, params, pre.cache, pre.hidden[:, -1], pre.logits[:, -1],
-                                    jnp.arange(n), column, dropout_rng=dropout_rng,
-                                    collect="layers" if return_all_hidden else "out")
+    cache, *_, trace = thought_loop(graphdef, params, pre.cache, pre.hidden[:, -1],
+                                    pre.logits[:, -1] if want_logits else None, jnp.arange(n), column,
+                                    dropout_rng=dropout_rng, collect="layers" if return_all_hidden else "out")
     rest = forward(graphdef, params, embeds=emb_BxTxD[:, P + n:], mask=mask[:, P + n:], cache=cache,
-                   positions=pos(P + n, T), dropout_rng=dropout_rng, return_all_hidden=return_all_hidden)
-    logits_nxBxV = trace[0] if return_all_hidden else trace
-    logits = jnp.concatenate([pre.logits, jnp.swapaxes(logits_nxBxV, 0, 1), rest.logits], axis=1)
+                   positions=pos(P + n, T), dropout_rng=dropout_rng, return_all_hidden=return_all_hidden,
+                   return_logits=want_logits)
+    out_nxBxV = trace[0] if return_all_hidden else trace
+    logits = jnp.concatenate([pick(pre), jnp.swapaxes(out_nxBxV, 0, 1), pick(rest)], axis=1)
     if not return_all_hidden:
         return logits
     layers_nxLxBxD = trace[1]
@@ -74,7 +82,8 @@ def _feeder(graphdef, params, next_input):
 def thought_loop(graphdef, params, cache, h_BxD, logits_BxV, xs, step, extra=None, *, dropout_rng=None,
                  collect: str | None = None, skip_idle: bool = False):
     """The one loop that feeds a method's vectors back as inputs: a `lax.scan` over `xs`, one new position per step,
-    differentiable. `step(x, h_BxD, logits_BxV, extra) -> (input_BxD, feed_B, positions_Bx1 | None, extra)` is the
+    differentiable. logits_BxV None: no step computes logits (z stays None; "out" then collects final hidden states
+    [n, B, D] instead). `step(x, h_BxD, logits_BxV, extra) -> (input_BxD, feed_B, positions_Bx1 | None, extra)` is the
     method's part: x is this step's slice of `xs`, (h, logits) each row's final hidden state and logits at its last
     fed position. Coconut feeds h (training: h where the column is latent, else the column's token); Soft Thinking
     a concept token. Rows with feed False write a masked slot (never attended, no position) and keep (h, logits).
@@ -83,6 +92,7 @@ def thought_loop(graphdef, params, cache, h_BxD, logits_BxV, xs, step, extra=Non
     from [n, B, V]) or "layers" (the logits [n, B, V] and every layer's hidden state [n, L+1, B, D] of each step's
     position). Returns (cache, h, logits, extra, trace)."""
     layers = collect == "layers"
+    with_logits = logits_BxV is not None
 
     def body(carry, x):
         cache, h, z, extra = carry
@@ -90,16 +100,19 @@ def thought_loop(graphdef, params, cache, h_BxD, logits_BxV, xs, step, extra=Non
 
         def run(cache):
             o = forward(graphdef, params, embeds=inp_BxD[:, None], mask=feed_B[:, None], cache=cache,
-                        positions=pos, dropout_rng=dropout_rng, return_all_hidden=layers)
-            return o.cache, o.hidden[:, 0], o.logits[:, 0], (jnp.stack(o.all_hidden)[:, :, 0] if layers else None)
+                        positions=pos, dropout_rng=dropout_rng, return_all_hidden=layers, return_logits=with_logits)
+            z_new = o.logits[:, 0] if with_logits else None
+            return o.cache, o.hidden[:, 0], z_new, (jnp.stack(o.all_hidden)[:, :, 0] if layers else None)
 
         if skip_idle:
             cache2, h_new, z_new, hs = jax.lax.cond(jnp.any(feed_B), run, lambda c: (c, h, z, None), cache)
         else:
             cache2, h_new, z_new, hs = run(cache)
         a = feed_B[:, None]
-        trace = {"out": z_new, "in": (inp_BxD, z), "layers": (z_new, hs), None: None}[collect]
-        return (cache2, jnp.where(a, h_new, h), jnp.where(a, z_new, z), extra), trace
+        out = z_new if with_logits else h_new
+        trace = {"out": out, "in": (inp_BxD, z), "layers": (out, hs), None: None}[collect]
+        z_next = jnp.where(a, z_new, z) if with_logits else None
+        return (cache2, jnp.where(a, h_new, h), z_next, extra), trace
 
     (cache, h, z, extra), trace = jax.lax.scan(body, (cache, h_BxD, logits_BxV, extra), xs)
     return cache, h, z, extra, trace
@@ -107,10 +120,15 @@ def thought_loop(graphdef, params, cache, h_BxD, logits_BxV, xs, step, extra=Non
 
 def loss_fn(params, graphdef, batch: dict, prefix_len: int, n_latent: int, rng=None):
     """Mean token loss of a batch (dict of arrays: tokens, mask, labels, latent; optional positions [B, T] as
-    `latent_forward` takes them). rng: dropout key (training), None: no dropout. Returns (loss, aux)."""
-    logits = latent_forward(graphdef, params, batch["tokens"], batch["mask"], batch["latent"], prefix_len, n_latent,
-                            batch.get("positions"), dropout_rng=rng)
-    total, count, correct = token_loss(logits, batch["labels"])
+    `latent_forward` takes them). rng: dropout key (training), None: no dropout. Returns (loss, aux). With the model
+    config's `loss_chunk` > 0 the head and the cross-entropy run chunk by chunk (`latent_jax.loss`)."""
+    chunk = get_config(graphdef, params).loss_chunk
+    out = latent_forward(graphdef, params, batch["tokens"], batch["mask"], batch["latent"], prefix_len, n_latent,
+                         batch.get("positions"), dropout_rng=rng, output="hidden" if chunk else "logits")
+    if chunk:
+        total, count, correct = chunked_token_loss(out, lm_head(graphdef, params), batch["labels"], chunk)
+    else:
+        total, count, correct = token_loss(out, batch["labels"])
     loss = total / jnp.maximum(count, 1)
     return loss, {"loss_sum": total, "n_tokens": count, "n_correct": correct}
 

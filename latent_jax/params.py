@@ -23,13 +23,31 @@ def path_str(keypath) -> str:
     return ".".join(n for n in map(_key_name, keypath) if n is not None)
 
 
+def _stacked_name(name: str) -> str | None:
+    """"blocks.attn.wq" (a scanned model's stacked weight) -> "attn.wq"; a per-layer or other name -> None."""
+    parts = name.split(".")
+    return ".".join(parts[1:]) if parts[0] == "blocks" and len(parts) > 1 and not parts[1].isdigit() else None
+
+
 def flatten_params(params) -> dict[str, jax.Array]:
-    """params (nnx.State) -> {"blocks.0.attn.wq": array, ...}."""
-    return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    """params (nnx.State) -> {"blocks.0.attn.wq": array, ...}: per-layer names in both layouts (a scanned
+    model's stacked `blocks.attn.wq` [L, ...] becomes L entries), so flat views compare across layouts."""
+    flat = {}
+    for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = path_str(p)
+        rest = _stacked_name(name)
+        if rest is None:
+            flat[name] = leaf
+            continue
+        for i in range(leaf.shape[0]):
+            flat[f"blocks.{i}.{rest}"] = (jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+                                          if isinstance(leaf, jax.ShapeDtypeStruct) else leaf[i])
+    return flat
 
 
 def params_from_flat(cfg: ModelConfig, flat: dict, source: str = "params"):
-    """Build (graphdef, params) for `cfg` from a flat dict, checking names and shapes.
+    """Build (graphdef, params) for `cfg` from a flat dict of per-layer names (`flatten_params`), checking names
+    and shapes; stacked on a layer axis when `cfg.scanned`.
 
     Raises ValueError naming `source` and the tensor for anything missing, unexpected or mis-shaped:
     never a silent partial load.
@@ -48,7 +66,11 @@ def params_from_flat(cfg: ModelConfig, flat: dict, source: str = "params"):
                              f" the config expects {tuple(spec.shape)}")
 
     def fill(keypath, spec):
-        return jnp.asarray(np.asarray(flat[path_str(keypath)]), dtype=spec.dtype)
+        name = path_str(keypath)
+        rest = _stacked_name(name)
+        value = (np.asarray(flat[name]) if rest is None
+                 else np.stack([np.asarray(flat[f"blocks.{i}.{rest}"]) for i in range(spec.shape[0])]))
+        return jnp.asarray(value, dtype=spec.dtype)
 
     return graphdef, jax.tree_util.tree_map_with_path(fill, abstract)
 
@@ -78,3 +100,10 @@ def resize_vocab(cfg: ModelConfig, params, new_vocab_size: int, init_from: int |
         flat[name] = np.concatenate([old, rows.astype(old.dtype)], axis=0)
     new_cfg = cfg.replace(vocab_size=new_vocab_size)
     return (new_cfg, *params_from_flat(new_cfg, flat, source="resize_vocab"))
+
+
+def relayout(cfg: ModelConfig, params, **changes):
+    """(new_cfg, graphdef, params) of the same weights under ModelConfig `changes` that keep them, e.g.
+    `scan_layers` (the block params restacked or unstacked) or `loss_chunk`."""
+    new_cfg = cfg.replace(**changes)
+    return (new_cfg, *params_from_flat(new_cfg, flatten_params(params), source="relayout"))

@@ -20,6 +20,12 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
+if os.environ.get("LATENT_JAX_TEST_SCAN_ALL") == "1":  # the whole suite on scanned layers (BUILD_NOTES, issue 20)
+    import latent_jax.config
+
+    latent_jax.config.SCAN_MIN_LAYERS = 1
+    latent_jax.config.SCAN_ON_CPU = True
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("LATENT_JAX_SHARED", REPO.parent / "shared"))
 

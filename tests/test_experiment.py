@@ -127,10 +127,17 @@ def test_train_export_eval_end_to_end(tmp_path, capsys):
     # continue from the export (compact vocabulary): the folder's tokenizer is used, whatever `tokenizer` says
     ov2 = [o for o in ov if not o.startswith("output_dir")] + [f"output_dir={tmp_path / 'run2'}",
                                                                 f"model.pretrained={out / 'export'}",
-                                                                "model.compact_vocab=false", "train.epochs=1"]
+                                                                "model.compact_vocab=false", "train.epochs=1",
+                                                                "model.overrides.scan_layers=true",
+                                                                "model.overrides.loss_chunk=8"]
     assert main(["train", "prosqa_coconut_cpu", *ov2]) == 0
     r2 = json.loads((tmp_path / "run2" / "result.json").read_text())
     assert r2["model_params"] == result["model_params"] and r2["train_records"] == 24
+    from latent_jax.train.checkpoint import Checkpointer  # the pretrained model ran scanned, with the chunked loss
+    ck = Checkpointer(tmp_path / "run2" / "train" / "checkpoints")
+    saved = ck.restore_meta()["model_config"]
+    ck.close()
+    assert saved["scan_layers"] is True and saved["loss_chunk"] == 8
     from latent_jax.compact_vocab import META, load_any_tokenizer
     assert (tmp_path / "run2" / "export" / META).exists()
     assert load_any_tokenizer(tmp_path / "run2" / "export").vocab_size == load_any_tokenizer(out / "export").vocab_size

@@ -148,16 +148,26 @@ def test_hf_reference_left_padding_agrees_on_valid_rows(checkpoints):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_every_weight_has_logical_axes(family):
+@pytest.mark.parametrize("scan", [False, True])
+def test_every_weight_has_logical_axes(family, scan):
+    """Every weight names its axes; scanned, exactly the block weights gain a leading "layers" axis of size L."""
     from flax import nnx
 
     from latent_jax.models import abstract_model
-    _, abstract = abstract_model(tiny_config(family, tie_embeddings=False) if family == "llama"
-                                 else tiny_config(family))
+    cfg = (tiny_config(family, tie_embeddings=False) if family == "llama" else tiny_config(family)).replace(
+        scan_layers=scan)
+    _, abstract = abstract_model(cfg)
     flat = nnx.to_flat_state(abstract)
     assert len(flat) > 10
     known = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", None}
     for path, var in flat:
         axes = var.get_metadata()["axes"]
-        assert len(axes) == len(var.get_value().shape), path
+        shape = var.get_value().shape
+        assert len(axes) == len(shape), path
+        in_block = path[0] == "blocks"
+        if scan and in_block:
+            assert axes[0] == "layers" and shape[0] == cfg.n_layers and isinstance(path[1], str), (path, axes)
+            axes = axes[1:]
+        elif in_block:
+            assert isinstance(path[1], int), path
         assert set(axes) <= known, (path, axes)

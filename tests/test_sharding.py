@@ -25,14 +25,27 @@ MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
+def block_weight(params, *path):
+    """A block weight and the PartitionSpec prefix of its layer axis: (array, ()) unscanned (layer 0),
+    (array [L, ...], (None,)) scanned (the "layers" axis is never sharded)."""
+    blocks = params["blocks"]
+    scanned = "attn" in blocks
+    node = blocks if scanned else blocks[0]
+    for k in path:
+        node = node[k]
+    return node[...], ((None,) if scanned else ())
+
+
 def mesh_of(d, f, t):
     return make_mesh(MeshConfig(ici_data=d, ici_fsdp=f, ici_tensor=t), jax.devices()[:d * f * t])
 
 
-@pytest.fixture(scope="module")
-def setup():
-    """8 heads, vocab 256, d_ff 256: every weight axis divides every mesh above. 8 rows, 0-4 thoughts each."""
-    cfg = tiny_config("gpt2", n_heads=8, n_kv_heads=8, head_dim=8, vocab_size=256, n_layers=1)
+@pytest.fixture(scope="module", params=[False, True], ids=["list", "scan"])
+def setup(request):
+    """8 heads, vocab 256, d_ff 256: every weight axis divides every mesh above. 8 rows, 0-4 thoughts each. Both
+    layer layouts (a Python list of blocks, one scan over stacked blocks)."""
+    cfg = tiny_config("gpt2", n_heads=8, n_kv_heads=8, head_dim=8, vocab_size=256, n_layers=1,
+                      scan_layers=request.param)
     g, p = init_model(cfg, seed=3)
     specs = [(6, 3, 5), (9, 2, 4), (5, 4, 7), (12, 0, 3), (7, 1, 6), (4, 3, 2), (8, 2, 5), (3, 4, 4)]
     b = make_batch(np.random.default_rng(0), cfg.vocab_size, specs)
@@ -56,9 +69,9 @@ def test_loss_and_grads_equal_on_every_mesh(setup, shape):
         np.testing.assert_allclose(a, r, atol=1e-5, rtol=1e-4)
     # the parameters really are split: wq [D=64, N=8, H=8] -> embed over fsdp, heads over tensor
     d, f, t = shape
-    wq = params["blocks"][0]["attn"]["wq"][...]
-    assert wq.sharding.spec == P("fsdp", "tensor", None)
-    assert {s.data.shape for s in wq.addressable_shards} == {(64 // f, 8 // t, 8)}
+    wq, lead = block_weight(params, "attn", "wq")
+    assert wq.sharding.spec == P(*lead, "fsdp", "tensor", None)
+    assert {s.data.shape for s in wq.addressable_shards} == {(*wq.shape[:len(lead)], 64 // f, 8 // t, 8)}
     emb = params["embed"][...]
     assert {s.data.shape for s in emb.addressable_shards} == {(256 // t, 64 // f)}
     assert len(wq.sharding.device_set) == d * f * t
@@ -91,14 +104,15 @@ def test_checkpoint_saved_on_one_mesh_restores_onto_another(setup, tmp_path):
     for a, r, t in zip(jax.tree.leaves(restored), jax.tree.leaves(p), jax.tree.leaves(target)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(r))
         assert a.sharding == t.sharding
-    wq = restored["blocks"][0]["attn"]["wq"][...]
-    assert {s.data.shape for s in wq.addressable_shards} == {(32, 2, 8)}
+    wq, lead = block_weight(restored, "attn", "wq")
+    assert {s.data.shape for s in wq.addressable_shards} == {(*wq.shape[:len(lead)], 32, 2, 8)}
 
 
-def test_trainer_mesh_option_equals_data_parallel():
+@pytest.mark.parametrize("scan", [False, True])
+def test_trainer_mesh_option_equals_data_parallel(scan):
     """Two optimizer steps with mesh 2x2x2 + remat == the default placement (same losses and parameters);
-    params and AdamW moments stay sharded by the rules through the donated, jitted steps."""
-    cfg = tiny_config("gpt2", n_heads=8, n_kv_heads=8, head_dim=8, vocab_size=256, n_layers=1)
+    params and AdamW moments stay sharded by the rules through the donated, jitted steps. Both layer layouts."""
+    cfg = tiny_config("gpt2", n_heads=8, n_kv_heads=8, head_dim=8, vocab_size=256, n_layers=1, scan_layers=scan)
     g, p = init_model(cfg, seed=0)
     recs = toy_records(16, seed=2)
     kw = dict(epochs=1, batch_size=8, lr=1e-2)
@@ -111,10 +125,10 @@ def test_trainer_mesh_option_equals_data_parallel():
                                rtol=1e-5)
     for a, r in zip(jax.tree.leaves(res.params), jax.tree.leaves(ref.params)):  # lr 1e-2 steps; bk's gradient is
         np.testing.assert_allclose(a, r, atol=2e-4)  # analytically 0 (float noise that Adam scales up to ~1e-4)
-    wq = res.params["blocks"][0]["attn"]["wq"][...]
-    assert wq.sharding.spec == P("fsdp", "tensor", None) and len(wq.sharding.device_set) == 8
-    mu = res.opt_state[0].mu["blocks"][0]["mlp"]["w_in"][...]
-    assert mu.sharding.spec == P("fsdp", "tensor")
+    wq, lead = block_weight(res.params, "attn", "wq")
+    assert wq.sharding.spec == P(*lead, "fsdp", "tensor", None) and len(wq.sharding.device_set) == 8
+    mu, _ = block_weight(res.opt_state[0].mu, "mlp", "w_in")
+    assert mu.sharding.spec == P(*lead, "fsdp", "tensor")
 
 
 def test_bad_meshes_and_non_dividing_axes_fail_clearly():
@@ -131,7 +145,7 @@ def test_bad_meshes_and_non_dividing_axes_fail_clearly():
     with pytest.raises(ValueError, match=r"TrainConfig.remat='some'"):
         TrainConfig(remat="some")
     # tiny_config: 4 heads, vocab 211 -> a tensor axis of 8 splits neither; the error names the param and sizes
-    _, p = init_model(tiny_config("gpt2"))
+    _, p = init_model(tiny_config("gpt2", scan_layers=False))
     with pytest.raises(ValueError, match=r"param \['embed'\]: axis 'vocab' has size 211, not divisible by mesh axes"
                                          r" \('tensor',\) of size 8 \(mesh \{'data': 1, 'fsdp': 1, 'tensor': 8\}\)"):
         shard_params(mesh_of(1, 1, 8), {"embed": p["embed"]})

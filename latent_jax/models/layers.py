@@ -100,7 +100,8 @@ class Attention(nnx.Module):
         self.smear = param(rngs, (K,), ("kv_heads",), cfg, init="zeros") if cfg.smear_keys else None
 
     def __call__(self, x_BxTxD, positions_BxT, q_slots_BxT, kv, key_valid_BxS, write_index, drop_key=None):
-        """kv: (k_RxHxS, v_RxSxH) cache (R = B*K) to write into at `write_index`, or None (no cache:
+        """kv: (k_RxHxS, v_RxSxH) cache (R = B*K) to write into at `write_index`, or (k_LxRxHxS, v_LxRxSxH, layer)
+        the stacked cache of a scanned model and this layer's index, or None (no cache:
         keys are the current tokens). q_slots: cache slot of each query, for the causal mask (and the dropout
         masks' columns). drop_key: dropout of the attention probabilities (`cfg.attn_dropout`), or None."""
         cfg, dt = self.cfg, x_BxTxD.dtype
@@ -122,7 +123,14 @@ class Attention(nnx.Module):
         K = k.shape[2]
         k_RxHxT = jnp.transpose(k, (0, 2, 3, 1)).reshape(B * K, H, T)
         v_RxTxH = jnp.swapaxes(v, 1, 2).reshape(B * K, T, H)
-        if kv is not None:
+        if kv is not None and len(kv) == 3:  # the whole stacked cache [L, ...] and this layer's index (scanned)
+            k_all, v_all, i = kv
+            zero = jnp.zeros((), jnp.int32)
+            k_all = jax.lax.dynamic_update_slice(k_all, k_RxHxT[None].astype(k_all.dtype), (i, zero, zero, write_index))
+            v_all = jax.lax.dynamic_update_slice(v_all, v_RxTxH[None].astype(v_all.dtype), (i, zero, write_index, zero))
+            k_RxHxS, v_RxSxH = (jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False) for a in (k_all, v_all))
+            new_kv = (k_all, v_all, i)
+        elif kv is not None:
             k_cache, v_cache = kv
             k_RxHxS = jax.lax.dynamic_update_slice_in_dim(k_cache, k_RxHxT.astype(k_cache.dtype), write_index, 2)
             v_RxSxH = jax.lax.dynamic_update_slice_in_dim(v_cache, v_RxTxH.astype(v_cache.dtype), write_index, 1)

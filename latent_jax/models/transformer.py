@@ -9,61 +9,18 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
 from latent_jax.config import ModelConfig
 from latent_jax.models.dropout import dropout_BxT, site_key
 from latent_jax.models.layers import Attention, Mlp, Norm, ThoughtProjection, param
+from latent_jax.models.stack import KVCache, init_cache, run_list, run_scanned, stack_blocks
 from latent_jax.sharding import ACT_BTD, constrain
 
-# jax.checkpoint policy per ModelConfig.remat ("none": no remat)
-REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-
-
-def _call_block(block, *args):
-    return block(*args)
-
-
-def _block_runner(remat: str):
-    """How the layer loop calls a Block: directly, or rematerialised in the backward pass (`jax.checkpoint` of the
-    pure function of the block's state: nothing is mutated, so it also runs inside the latent `lax.scan`)."""
-    if remat == "none":
-        return _call_block
-    policy = REMAT_POLICIES[remat]
-
-    def run(block, *args):
-        block_def, state = nnx.split(block)
-        pure = jax.checkpoint(lambda st, *a: nnx.merge(block_def, st)(*a), policy=policy)
-        return pure(state, *args)
-
-    return run
-
-
-@struct.dataclass
-class KVCache:
-    """k, v: per-layer keys [B*K, H, S] and values [B*K, S, H] (K kv heads; the
-    attention matmuls' operand layouts, so a decode step updates them in place); mask_BxS: slot holds a real (non-pad) token; index: next slot to write."""
-
-    k: tuple
-    v: tuple
-    mask_BxS: jax.Array
-    index: jax.Array
-
-    @property
-    def max_len(self) -> int:
-        return self.mask_BxS.shape[1]
-
-
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    dtype = dtype or cfg.compute_dtype
-    B, K, S, H = batch, cfg.n_kv_heads, max_len, cfg.head_dim
-    return KVCache(k=tuple(jnp.zeros((B * K, H, S), dtype) for _ in range(cfg.n_layers)),
-                   v=tuple(jnp.zeros((B * K, S, H), dtype) for _ in range(cfg.n_layers)),
-                   mask_BxS=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
-
+__all__ = ["KVCache", "init_cache"]  # re-exported: the cache is part of the functional API
 
 class ModelOutput(NamedTuple):
-    logits: jax.Array  # [B, T, V] float32
+    logits: jax.Array | None  # [B, T, V] float32 (None: forward(..., return_logits=False))
     hidden: jax.Array  # [B, T, D] final hidden state, after the final norm
     cache: KVCache | None
     all_hidden: tuple | None  # (embeddings, block_1, ..., block_L) outputs, HF `hidden_states` order
@@ -88,21 +45,27 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        cfg = cfg.replace(scan_layers=cfg.scanned)  # auto resolved once: checkpoints record the layout they hold
         self.cfg = cfg
         self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
         self.pos_embed = (param(rngs, (cfg.max_positions, cfg.d_model), (None, "embed"), cfg, std=0.01)
                           if cfg.family == "gpt2" else None)
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        blocks = [Block(cfg, rngs) for _ in range(cfg.n_layers)]
+        self.blocks = stack_blocks(blocks) if cfg.scanned else nnx.List(blocks)
         self.final_norm = Norm(cfg, rngs)
         self.lm_head = (None if cfg.tie_embeddings
                         else param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg))
         self.thought_proj = ThoughtProjection(cfg, rngs) if cfg.thought_proj_dim else None
 
+    def head_VxD(self):
+        """The LM head's weight [V, D] (the embedding when tied)."""
+        return (self.embed if self.lm_head is None else self.lm_head)[...]
+
     def embed_tokens(self, tokens_BxT):
         return constrain(jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype), ACT_BTD)
 
     def __call__(self, tokens=None, embeds=None, positions=None, mask=None, cache=None,
-                 return_all_hidden=False, dropout_rng=None) -> ModelOutput:
+                 return_all_hidden=False, dropout_rng=None, return_logits=True) -> ModelOutput:
         cfg = self.cfg
         if not cfg.has_dropout:
             dropout_rng = None
@@ -124,28 +87,21 @@ class Transformer(nnx.Module):
             positions = jnp.maximum(positions, 0)
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
-        x = constrain(dropout_BxT(x, cfg.embd_dropout, site_key(dropout_rng, 0), q_slots[0]), ACT_BTD)
-        all_hidden = [x] if return_all_hidden else None
-        new_k, new_v = [], []
-        run_block = _block_runner(getattr(cfg, "remat", "none"))
-        for i, block in enumerate(self.blocks):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = run_block(block, x, positions, q_slots, kv, key_valid, write_index, site_key(dropout_rng, i + 1))
-            x = constrain(x, ACT_BTD)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
-            if return_all_hidden:
-                all_hidden.append(x)
+        x = x_in = constrain(dropout_BxT(x, cfg.embd_dropout, site_key(dropout_rng, 0), q_slots[0]), ACT_BTD)
+        args = (positions, q_slots, key_valid, write_index, dropout_rng)
+        run = run_scanned if cfg.scanned else run_list
+        x, kv, hs = run(cfg, self.blocks, x, cache, args, return_all_hidden)
+        all_hidden = [x_in, *hs] if return_all_hidden else None
         hidden = self.final_norm(x)
         if return_all_hidden:
             all_hidden[-1] = hidden  # HF convention: the last entry has the final norm applied
-        head = self.embed if self.lm_head is None else self.lm_head
-        logits = jnp.einsum("BTD,VD->BTV", hidden, head[...].astype(hidden.dtype),
-                            preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", "length", "act_vocab"))
-        new_cache = None if cache is None else KVCache(
-            k=tuple(new_k), v=tuple(new_v), mask_BxS=key_valid, index=write_index + T)
+        logits = None
+        if return_logits:
+            logits = jnp.einsum("BTD,VD->BTV", hidden, self.head_VxD().astype(hidden.dtype),
+                                preferred_element_type=jnp.float32)
+            logits = constrain(logits, ("batch", "length", "act_vocab"))
+        new_cache = None if cache is None else KVCache(k=kv[0], v=kv[1], mask_BxS=key_valid, index=write_index + T,
+                                                        in_place=cache.in_place)
         return ModelOutput(logits, hidden, new_cache, None if all_hidden is None else tuple(all_hidden))
 
 
@@ -160,14 +116,15 @@ def abstract_model(cfg: ModelConfig):
 
 
 def forward(graphdef, params, tokens=None, embeds=None, positions=None, mask=None, cache=None,
-            return_all_hidden=False, dropout_rng=None) -> ModelOutput:
-    """Pure forward pass: see `Transformer.__call__`. Accepts token ids or input embeddings. dropout_rng: a PRNG
+            return_all_hidden=False, dropout_rng=None, return_logits=True) -> ModelOutput:
+    """Pure forward pass: see `Transformer.__call__`. return_logits False: `logits` is None (a loss that applies
+    the head itself, chunk by chunk: `latent_jax.loss.chunked_token_loss`). Accepts token ids or input embeddings. dropout_rng: a PRNG
     key turns on the config's dropout (training); None (the default) is the deterministic pass. Masks depend on
     (key, layer, site, column) only (`latent_jax.models.dropout`), so a pass over columns [a, b) with a cache
     draws what a full pass draws there."""
     model = nnx.merge(graphdef, params)
     return model(tokens=tokens, embeds=embeds, positions=positions, mask=mask, cache=cache,
-                 return_all_hidden=return_all_hidden, dropout_rng=dropout_rng)
+                 return_all_hidden=return_all_hidden, dropout_rng=dropout_rng, return_logits=return_logits)
 
 
 def with_remat(graphdef, params, remat: str):
@@ -177,6 +134,11 @@ def with_remat(graphdef, params, remat: str):
         return graphdef
     model.cfg = model.cfg.replace(remat=remat)
     return nnx.split(model)[0]
+
+
+def lm_head(graphdef, params):
+    """The LM head's weight [V, D] (the token embedding when the head is tied)."""
+    return nnx.merge(graphdef, params).head_VxD()
 
 
 def embed_tokens(graphdef, params, tokens_BxT):

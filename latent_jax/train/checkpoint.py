@@ -258,8 +258,9 @@ def check_compatible(meta: dict[str, Any], model_config: dict[str, Any], train_c
     difference."""
     saved_model = meta.get("model_config", {})
     if saved_model:  # a field added to ModelConfig later (e.g. the dropout rates) holds its default in older runs
-        saved_model = {**_model_defaults(), **saved_model}
-    diff = [f"model.{d}" for d in config_diff(saved_model, model_config)]
+        saved_model = {"scan_layers": False, **_model_defaults(), **saved_model}  # (runs before scan_layers: lists)
+        check_layer_layout(saved_model, model_config, where)
+    diff = [f"model.{d}" for d in config_diff(_no_layout(saved_model), _no_layout(model_config))]
     saved_train, now_train = dict(meta.get("train_config", {})), dict(train_config)
     saved_method, now_method = saved_train.pop("method_config", None), now_train.pop("method_config", None)
     if saved_method is not None and now_method is not None:
@@ -270,6 +271,36 @@ def check_compatible(meta: dict[str, Any], model_config: dict[str, Any], train_c
         raise ValueError(f"refusing to resume from {where}: this run differs from the one that wrote it in "
                          f"{len(diff)} key(s): " + "; ".join(diff) + ". To start it again from scratch add --fresh"
                          " to `latent-jax train` (deletes the old checkpoints), or set another output_dir.")
+
+
+def _no_layout(model: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in model.items() if k != "scan_layers"}
+
+
+def layer_layout(model: dict[str, Any]) -> str:
+    """How a model config (dict) lays out its decoder params, in words."""
+    from latent_jax.config import ModelConfig
+
+    cfg = ModelConfig.from_dict(model)
+    if cfg.scanned:
+        return f"scanned (scan_layers={cfg.scan_layers}: {cfg.n_layers} blocks stacked, blocks.attn.wq [L, ...])"
+    return f"a list (scan_layers={cfg.scan_layers}: {cfg.n_layers} blocks, blocks.0.attn.wq ...)"
+
+
+def check_layer_layout(saved_model: dict[str, Any], model_config: dict[str, Any], where: Any) -> None:
+    """ValueError naming both layouts when a checkpoint's decoder layout differs from this run's (scan_layers on
+    one side, off on the other): orbax restores a tree only into its own structure."""
+    from latent_jax.config import ModelConfig
+
+    try:
+        saved, now = ModelConfig.from_dict(saved_model), ModelConfig.from_dict(model_config)
+    except (TypeError, ValueError):  # not a whole model config: the key-by-key diff reports it
+        return
+    if saved.scanned != now.scanned:
+        raise ValueError(f"refusing to resume from {where}: its decoder layers are {layer_layout(saved_model)} but"
+                         f" this run's are {layer_layout(model_config)}. Set model.overrides.scan_layers:"
+                         f" {str(saved.scanned).lower()} to resume it, or export it (`latent-jax export`) and start"
+                         " from the export: HF folders load into either layout.")
 
 
 def export_hf(folder: str | os.PathLike, cfg, params) -> pathlib.Path:
