@@ -119,7 +119,7 @@ def measure(name, mesh_shape, remat, args, scan=None, loss_chunk=0):
                 scanned=cfg.scanned, loss_chunk=cfg.loss_chunk, n_layers=cfg.n_layers, btv_residuals=btv,
                 largest_residual=None if biggest is None else f"{biggest.dtype}{list(biggest.shape)}",
                 largest_vocab_residual=None if big_v is None else f"{big_v.dtype}{list(big_v.shape)}",
-                vocab_residuals_gib=round(sum(a.size * a.dtype.itemsize for a in vocab_res) / gib, 3),
+                vocab_residuals_gib_global=round(sum(a.size * a.dtype.itemsize for a in vocab_res) / gib, 3),
                 xla_opt="full" if opts is None else "fast")
 
 

@@ -70,3 +70,9 @@ def test_memory_benchmark_runs(tmp_path):
     ok = {r["remat"]: r for r in rows if r["mesh"] == "2x2x2"}
     assert ok["none"]["peak_gib"] > 0 and ok["full"]["residuals_gib"] < ok["none"]["residuals_gib"]
     assert all("not divisible" in r["error"] for r in rows if r["mesh"] == "1x1x8")  # 4 heads over tensor=8
+    # issue 20: scanned layers and the chunked loss; only the full-logits row keeps a B*(T-1)*V residual
+    rows = memory.main(["--models", "gpt2-tiny", "--meshes", "2x2x2", "--remat", "none", "--batch", "8",
+                        "--length", "64", "--n-latent", "2", "--scan", "true", "--loss-chunk", "0,16"])
+    full, chunked = rows
+    assert full["scanned"] and full["btv_residuals"] == 1 and chunked["btv_residuals"] == 0
+    assert chunked["largest_vocab_residual"] == "float32[50304, 64]"  # dL/dW of the head, [V, D]
