@@ -150,7 +150,7 @@ class ModelConfig:
     def scanned(self) -> bool:
         """Whether the decoder stack is scanned: `scan_layers`, or (None, auto) n_layers >= SCAN_MIN_LAYERS on a GPU /
         TPU backend. Not on CPU: XLA:CPU copies each layer's weights out of the stacked array before its matmuls, which
-        made GPT-2-124M's Coconut step 1.3x slower and its decoding 2.3x slower there (BUILD_NOTES, issue 20); the
+        made GPT-2-124M's Coconut step 1.3x slower and its decoding 2.2x slower there (BUILD_NOTES, issue 20); the
         model records the resolved value in its config (`Transformer.cfg`), so checkpoints name their layout."""
         if self.scan_layers is not None:
             return self.scan_layers

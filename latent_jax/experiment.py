@@ -11,7 +11,8 @@ import pathlib
 import time
 
 from latent_jax.experiment_config import (REPO_CONFIGS, RUNTIME_OVERRIDES, STEP_SEPARATORS,  # noqa: F401
-                                          ExperimentConfig, check_select, load_config, resolve_config_path, step_separator, thaw)
+                                          ExperimentConfig, check_select, load_config, resolve_config_path,
+                                          step_separator, thaw)
 
 
 def valid_is_generated(d: dict) -> bool:

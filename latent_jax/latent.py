@@ -65,13 +65,13 @@ def latent_forward(graphdef, params, tokens, mask, latent, prefix_len: int, n_la
     rest = forward(graphdef, params, embeds=emb_BxTxD[:, P + n:], mask=mask[:, P + n:], cache=cache,
                    positions=pos(P + n, T), dropout_rng=dropout_rng, return_all_hidden=return_all_hidden,
                    return_logits=want_logits)
-    out_nxBxV = trace[0] if return_all_hidden else trace
-    logits = jnp.concatenate([pick(pre), jnp.swapaxes(out_nxBxV, 0, 1), pick(rest)], axis=1)
+    out_nxBxF = trace[0] if return_all_hidden else trace  # F: V (logits) or D (output="hidden")
+    out = jnp.concatenate([pick(pre), jnp.swapaxes(out_nxBxF, 0, 1), pick(rest)], axis=1)
     if not return_all_hidden:
-        return logits
+        return out
     layers_nxLxBxD = trace[1]
-    return logits, jnp.concatenate([jnp.stack(pre.all_hidden), jnp.transpose(layers_nxLxBxD, (1, 2, 0, 3)),
-                                    jnp.stack(rest.all_hidden)], axis=2)
+    return out, jnp.concatenate([jnp.stack(pre.all_hidden), jnp.transpose(layers_nxLxBxD, (1, 2, 0, 3)),
+                                 jnp.stack(rest.all_hidden)], axis=2)
 
 
 def _feeder(graphdef, params, next_input):

@@ -54,7 +54,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, in_place:
     if cfg.scanned:
         k, v = jnp.zeros((L, R, H, S), dtype), jnp.zeros((L, R, S, H), dtype)
     else:
-        k, v = tuple(jnp.zeros((R, H, S), dtype) for _ in range(L)), tuple(jnp.zeros((R, S, H), dtype) for _ in range(L))
+        k = tuple(jnp.zeros((R, H, S), dtype) for _ in range(L))
+        v = tuple(jnp.zeros((R, S, H), dtype) for _ in range(L))
     return KVCache(k=k, v=v, mask_BxS=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
                    in_place=in_place)
 

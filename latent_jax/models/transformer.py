@@ -117,8 +117,8 @@ def abstract_model(cfg: ModelConfig):
 
 def forward(graphdef, params, tokens=None, embeds=None, positions=None, mask=None, cache=None,
             return_all_hidden=False, dropout_rng=None, return_logits=True) -> ModelOutput:
-    """Pure forward pass: see `Transformer.__call__`. return_logits False: `logits` is None (a loss that applies
-    the head itself, chunk by chunk: `latent_jax.loss.chunked_token_loss`). Accepts token ids or input embeddings. dropout_rng: a PRNG
+    """Pure forward pass: see `Transformer.__call__`. Accepts token ids or input embeddings. return_logits False:
+    `logits` is None (a loss that applies the head chunk by chunk: `latent_jax.loss`). dropout_rng: a PRNG
     key turns on the config's dropout (training); None (the default) is the deterministic pass. Masks depend on
     (key, layer, site, column) only (`latent_jax.models.dropout`), so a pass over columns [a, b) with a cache
     draws what a full pass draws there."""

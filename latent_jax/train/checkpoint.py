@@ -277,11 +277,8 @@ def _no_layout(model: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in model.items() if k != "scan_layers"}
 
 
-def layer_layout(model: dict[str, Any]) -> str:
-    """How a model config (dict) lays out its decoder params, in words."""
-    from latent_jax.config import ModelConfig
-
-    cfg = ModelConfig.from_dict(model)
+def layer_layout(cfg) -> str:
+    """How a `ModelConfig` lays out its decoder params, in words."""
     if cfg.scanned:
         return f"scanned (scan_layers={cfg.scan_layers}: {cfg.n_layers} blocks stacked, blocks.attn.wq [L, ...])"
     return f"a list (scan_layers={cfg.scan_layers}: {cfg.n_layers} blocks, blocks.0.attn.wq ...)"
@@ -297,8 +294,8 @@ def check_layer_layout(saved_model: dict[str, Any], model_config: dict[str, Any]
     except (TypeError, ValueError):  # not a whole model config: the key-by-key diff reports it
         return
     if saved.scanned != now.scanned:
-        raise ValueError(f"refusing to resume from {where}: its decoder layers are {layer_layout(saved_model)} but"
-                         f" this run's are {layer_layout(model_config)}. Set model.overrides.scan_layers:"
+        raise ValueError(f"refusing to resume from {where}: its decoder layers are {layer_layout(saved)} but"
+                         f" this run's are {layer_layout(now)}. Set model.overrides.scan_layers:"
                          f" {str(saved.scanned).lower()} to resume it, or export it (`latent-jax export`) and start"
                          " from the export: HF folders load into either layout.")
 
