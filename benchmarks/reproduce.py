@@ -99,6 +99,10 @@ LAB_QA.update({m: {**LAB_QA[m], "max_latent_stage": 4, "pad_latent_to_max": True
 LAB_QA["no_thought"] = {**LAB_QA["no_thought"], "max_latent_stage": 4}
 LAB_QA["superposition"] = {"name": "superposition", "max_latent_stage": 4}  # Coconut on BFS frontiers (Zhu et al.)
 LAB_QA["codi"] = {"name": "codi", "n_latent": 4}  # CODI (Shen et al.): as many thoughts as Coconut's last stage
+# SIM-CoT (Wei et al.): a step decoder on each thought of the lab's Coconut and CODI, at their budget
+LAB_QA["sim_cot_coconut"] = {"name": "sim_cot", "base": "coconut", "base_options": {
+    k: v for k, v in LAB_QA["coconut"].items() if k != "name"}}
+LAB_QA["sim_cot_codi"] = {"name": "sim_cot", "base": "codi", "base_options": {"n_latent": 4}}
 _LAB_MODEL = {"family": "gpt2", "size": "small", "overrides": {"n_layers": 2, "d_model": 128, "n_heads": 4,
                                                                "n_kv_heads": 4, "head_dim": 32, "d_ff": 512}}
 _LAB_TRAIN = {"batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "schedule": "cosine", "weight_decay": 0.01,
@@ -251,16 +255,22 @@ REPORTED = {"sym_tiny": "300 generated held-out (rung tiny)", "sym_small": "300 
             "mult3": "generated held-out (3x3)", "mult4": "4x4_valid.txt (real)"}
 
 
+def lab_task_and_label(name: str) -> tuple[str, str]:
+    """(task, row label) of a lab experiment name: "sym_tiny_sim_cot_codi" -> ("sym_tiny", "sim_cot_codi")."""
+    task = max((t for t in LAB_TASKS if name.startswith(t + "_")), key=len, default=name.split("_")[0])
+    return task, name[len(task) + 1:]
+
+
 def lab_table() -> str:
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("lab_*.json"))]
     order = {n: i for i, n in enumerate(experiments("lab"))}
     rows.sort(key=lambda r: order.get(r["name"], 1e9))
     head = ("| task | method | accuracy | reported on | params | train records | epochs | train time |\n"
             "|---|---|---|---|---|---|---|---|")
-    lines = [f"| {r['name'][:-len(r['method']) - 1]} | {r['method']} | {100 * r['accuracy']:.1f}% | "
-             f"{REPORTED.get(r['name'][:-len(r['method']) - 1], '?')} | {r['model_params'] / 1e6:.2f}M | "
-             f"{r['train_records']} | {r['epochs']} | {(r.get('train_seconds') or r['wall_seconds']) / 60:.1f} min |"
-             for r in rows]
+    lines = [f"| {task} | {label} | {100 * r['accuracy']:.1f}% | {REPORTED.get(task, '?')} | "
+             f"{r['model_params'] / 1e6:.2f}M | {r['train_records']} | {r['epochs']} | "
+             f"{(r.get('train_seconds') or r['wall_seconds']) / 60:.1f} min |"
+             for r in rows for task, label in [lab_task_and_label(r["name"])]]
     return "\n".join([head, *lines])
 
 
@@ -275,7 +285,7 @@ def plot_lab() -> list[pathlib.Path]:
             p = RESULTS / f"lab_{name}.json"
             if name.startswith(task + "_") and p.exists():
                 r = json.loads(p.read_text())
-                runs[r["method"]] = r["history"]
+                runs[lab_task_and_label(name)[1]] = r["history"]
         if runs:
             out.append(plot_accuracy_vs_time(runs, RESULTS / f"lab_{task}_accuracy_vs_time.png",
                                              f"{task}: accuracy on held-out generated questions per epoch"))

@@ -33,6 +33,9 @@ class Example:
     labels: list[int]
     latent_start: int  # index of the first latent slot (== len(prefix) when n_latent == 0)
     n_latent: int = 0
+    # per group of thoughts_per_step thought slots, the token ids it must decode to (SIM-CoT's step decoder; () =
+    # no target; unused by other methods)
+    thought_targets: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         if len(self.tokens) != len(self.labels):

@@ -154,15 +154,17 @@ def test_lab_results_become_table_and_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, "REPO", tmp_path)
     (tmp_path / "results").mkdir()
     (tmp_path / "README.md").write_text(f"# R\n{reproduce.LAB_README_MARK}\n{reproduce.LAB_README_MARK}\n")
-    for method, acc in (("no_cot", 0.6), ("coconut", 0.97)):
+    for label, method, acc in (("no_cot", "no_cot", 0.6), ("coconut", "coconut", 0.97),
+                               ("sim_cot_codi", "sim_cot", 0.5)):  # a row is labelled by its experiment's name
         hist = [{"epoch": e, "accuracy": acc * (e + 1) / 3, "train_seconds": 60.0 * (e + 1)} for e in range(3)]
-        (tmp_path / "results" / f"lab_sym_small_{method}.json").write_text(json.dumps(
-            {"name": f"sym_small_{method}", "method": method, "accuracy": acc, "model_params": 4e5,
+        (tmp_path / "results" / f"lab_sym_small_{label}.json").write_text(json.dumps(
+            {"name": f"sym_small_{label}", "method": method, "accuracy": acc, "model_params": 4e5,
              "train_records": 8000, "epochs": 3, "wall_seconds": 200, "train_seconds": 180.0, "history": hist}))
     reproduce.publish("lab")
     text = (tmp_path / "README.md").read_text()
     assert "| sym_small | coconut | 97.0% | 300 generated held-out (rung small) |" in text
     assert text.index("| sym_small | no_cot |") < text.index("| sym_small | coconut |")  # the table's order
+    assert "| sym_small | sim_cot_codi | 50.0% |" in text
     assert "3.0 min" in text
     png = tmp_path / "results" / "lab_sym_small_accuracy_vs_time.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

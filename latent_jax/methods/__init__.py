@@ -27,6 +27,7 @@ REGISTRY: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "soft_thinking": ("soft_thinking", "SoftThinking", "SoftThinkingConfig", {}),
     "superposition": ("superposition", "Superposition", "SuperpositionConfig", {}),
     "codi": ("codi", "CODI", "CODIConfig", {}),
+    "sim_cot": ("sim_cot", "SimCoT", "SimCoTConfig", {}),
 }
 # methods whose module is installed (a partial checkout may lack some)
 METHODS = tuple(n for n, (mod, *_) in REGISTRY.items() if importlib.util.find_spec(f"latent_jax.methods.{mod}"))

@@ -86,7 +86,8 @@ class Method:
                            set by `build_method` from the method section's curriculum keys; default Curriculum()
     Required: `encode`, `prompt`. Hooks with defaults (override what the method needs):
       num_stages, init_token_id, schedule (-> stage_at), example_stage, collate, loss_for_stage, adapt_model,
-      on_stage_start, get_state / set_state, prepare_data, generate, eligible_for_best, stage_note. Shared helper:
+      on_stage_start, get_state / set_state, prepare_data, generate, eligible_for_best, stage_note, steps_replaced,
+      init_aux_params. Shared helper:
       `record_tokens(record)` (question / steps / answer token ids, the layout every reference uses).
     """
 
@@ -165,6 +166,19 @@ class Method:
         return loss_fn
 
     # ---- state and data preparation -----------------------------------------------------------------------------
+    def steps_replaced(self, n_steps: int, stage: int) -> int:
+        """How many leading reasoning steps of a record with `n_steps` steps the stage's continuous thoughts replace
+        (SIM-CoT supervises thought k with step k // thoughts_per_step among them). Default 0: no thoughts replace
+        steps."""
+        return 0
+
+    def init_aux_params(self, graphdef, params, seed: int = 0) -> Any:
+        """Training-only parameters the method's loss trains beside the model's (SIM-CoT's step decoder), or None
+        (the default). When not None the trainer optimises {"model": params, "aux": this} with one optimizer, its
+        loss receives that tree, and checkpoints keep it as an item of its own (`aux`); export, evaluation and
+        generation only ever see the model's params."""
+        return None
+
     def init_token_id(self) -> int | None:
         """The token whose embedding initializes the rows of the method's new special tokens (Coconut: "<<"), or
         None (the default): new rows keep `resize_vocab`'s own initialization."""

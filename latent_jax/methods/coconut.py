@@ -107,6 +107,10 @@ class Coconut(Method):
             return n_skip, n_skip * cfg.c_thought
         return n_skip, stage * cfg.c_thought  # reference: k slots whatever the record's step count
 
+    def steps_replaced(self, n_steps: int, stage: int) -> int:
+        """The leading steps the stage's continuous thoughts replace (0 without hidden-state thoughts)."""
+        return self._stage_layout(n_steps, stage)[0] if self.uses_hidden_thoughts else 0
+
     def encode(self, record: dict[str, Any], stage: int) -> Example:
         t = self.record_tokens(record)
         q, steps, a = t.question, t.steps, t.answer

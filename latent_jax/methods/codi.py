@@ -147,6 +147,10 @@ class CODI(Method):
         return Batch(tokens, mask, labels, latent, P, b.n_latent,
                      {"role": halves(role, FILLER), "distill_col": halves(col, 0)})
 
+    def steps_replaced(self, n_steps: int, stage: int) -> int:
+        """Every step: the student's thoughts stand for the whole CoT."""
+        return n_steps
+
     def prompt(self, record: dict[str, Any], stage: int) -> Prompt:
         q = self.record_tokens(record).question
         return Prompt(q + [self.ids[BOT]], self.cfg.n_latent, [self.ids[EOT]])
@@ -192,9 +196,10 @@ def distill_terms(s_LxBxD, t_LxBxD, w_B, kind: str, std_norm: bool):
 
 
 def codi_loss(params, graphdef, batch: dict, prefix_len: int, n_latent: int, rng=None, *, next_input, weights,
-              kind: str, std_norm: bool):
+              kind: str, std_norm: bool, with_hidden: bool = False):
     """CODI's loss of a `CODI.collate` batch: (total, aux). aux: loss_sum = total x the student's answer tokens
-    (so the trainer's per-token mean is the total), n_tokens / n_correct of the student, and the three parts."""
+    (so the trainer's per-token mean is the total), n_tokens / n_correct of the student, and the three parts;
+    with_hidden: also "hidden", the final hidden states [2B, T, D] (SIM-CoT reads the thoughts from them)."""
     from latent_jax.latent import latent_forward
 
     logits, layers_LxBxTxD = latent_forward(graphdef, params, batch["tokens"], batch["mask"], batch["latent"],
@@ -217,5 +222,6 @@ def codi_loss(params, graphdef, batch: dict, prefix_len: int, n_latent: int, rng
     s_ce, t_ce = s_sum / jnp.maximum(s_n, 1), t_sum / jnp.maximum(t_n, 1)
     ws, wt, wd = weights
     total = ws * s_ce + wt * t_ce + wd * distill
-    return total, {"loss_sum": total * s_n, "n_tokens": s_n, "n_correct": s_c, "student_ce": s_ce,
-                   "teacher_ce": t_ce, "distill": distill}
+    aux = {"loss_sum": total * s_n, "n_tokens": s_n, "n_correct": s_c, "student_ce": s_ce, "teacher_ce": t_ce,
+           "distill": distill}
+    return total, ({**aux, "hidden": layers_LxBxTxD[-1]} if with_hidden else aux)

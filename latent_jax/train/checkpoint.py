@@ -6,6 +6,7 @@ A checkpoint step directory holds four items, written by one `ocp.CheckpointMana
     opt_state  ocp.args.StandardSave(optax state)         restored into the abstract optimizer state
     meta       ocp.args.JsonSave({step, epoch, stage, model_config, train_config, ...})
     data_iter  grain.checkpoint.CheckpointSave(iterator)  one JSON file per process (grain's own Orbax handler)
+    aux        ocp.args.StandardSave(tree)                a method's training-only params (SIM-CoT's decoder), if any
 
 A step directory only counts once Orbax has committed it, so a run killed (even `kill -9`) mid-save resumes from
 the previous complete checkpoint. `check_compatible` refuses to resume a checkpoint written with another model,
@@ -111,17 +112,22 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, params: Any, meta: dict[str, Any], opt_state: Any = None,
-             data_iter: grain.DatasetIterator | None = None) -> None:
-        """Start saving `step` (returns once the arrays are copied; the write finishes in the background)."""
+             data_iter: grain.DatasetIterator | None = None, aux: Any = None) -> None:
+        """Start saving `step` (returns once the arrays are copied; the write finishes in the background). aux: a
+        method's training-only params (`Method.init_aux_params`), an item of its own."""
         sums = {"params": tree_checksums(params)}
         if opt_state is not None:
             sums["opt_state"] = tree_checksums(opt_state)
+        if aux is not None:
+            sums["aux"] = tree_checksums(aux)
         meta = {**meta, "checksums": sums}
         items: dict[str, Any] = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+        if aux is not None:
+            items["aux"] = ocp.args.StandardSave(aux)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore_meta(self, step: int | None = None, with_checksums: bool = False) -> dict[str, Any]:
@@ -134,23 +140,27 @@ class Checkpointer:
         return meta
 
     def restore(self, step: int | None, abstract_params: Any, abstract_opt_state: Any = None,
-                data_iter: grain.DatasetIterator | None = None) -> tuple[Any, Any]:
+                data_iter: grain.DatasetIterator | None = None, abstract_aux: Any = None) -> tuple[Any, Any]:
         """(params, opt_state) of `step`, restored into the given abstract trees; `data_iter`'s state is set in
-        place when given. opt_state is None when not asked for."""
+        place when given. opt_state is None when not asked for. With `abstract_aux` (the saved `aux` item's
+        target) params is the pair (params, aux)."""
         step = self._step(step)
         items: dict[str, Any] = {"params": ocp.args.StandardRestore(abstract_params)}
         if abstract_opt_state is not None:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+        if abstract_aux is not None:
+            items["aux"] = ocp.args.StandardRestore(abstract_aux)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return out["params"], (out["opt_state"] if abstract_opt_state is not None else None)
+        params = out["params"] if abstract_aux is None else (out["params"], out["aux"])
+        return params, (out["opt_state"] if abstract_opt_state is not None else None)
 
     def restore_good(self, abstract_params: Any, abstract_opt_state: Any = None, step: int | None = None,
-                     check_meta: Callable[[dict[str, Any], int], None] | None = None
+                     check_meta: Callable[[dict[str, Any], int], None] | None = None, abstract_aux: Any = None
                      ) -> tuple[int, dict[str, Any], Any, Any]:
         """(step, meta, params, opt_state) of the newest step that restores and matches its checksums (or of
-        `step` only, when given). A bad step is logged (one warning line naming it and why), remembered in
+        `step` only, when given); with `abstract_aux`, params is the pair (params, aux) (`restore`). A bad step is logged (one warning line naming it and why), remembered in
         `bad_steps`, and skipped; none good -> CheckpointError. `check_meta(meta, step)` runs on the first readable
         meta and may raise (e.g. a config mismatch is not a corruption: it is never skipped)."""
         steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
@@ -167,10 +177,12 @@ class Checkpointer:
                 check_meta(meta, s)
                 checked = True
             try:
-                params, opt_state = self.restore(s, abstract_params, abstract_opt_state)
+                params, opt_state = self.restore(s, abstract_params, abstract_opt_state, abstract_aux=abstract_aux)
                 sums = meta.pop("checksums", None) or {}  # checkpoints written before checksums: not verified
                 if "params" in sums:
-                    verify_checksums(sums["params"], params, "params")
+                    verify_checksums(sums["params"], params if abstract_aux is None else params[0], "params")
+                if abstract_aux is not None:
+                    verify_checksums(sums.get("aux", {}), params[1], "aux")
                 if opt_state is not None and "opt_state" in sums:
                     verify_checksums(sums["opt_state"], opt_state, "opt_state")
             except Exception as e:  # noqa: BLE001

@@ -54,7 +54,7 @@ def make_steps(graphdef, weight_decay: float, grad_clip: float | None, loss: Cal
     tx = make_optimizer(weight_decay, grad_clip)
 
     def micro(params, acc, batch, rng, prefix_len: int, n_latent: int):
-        g = graphdef if remat is None else with_remat(graphdef, params, remat)
+        g = graphdef if remat is None else with_remat(graphdef, model_part(params), remat)
 
         def summed(p):
             _, aux = loss(p, g, batch, prefix_len, n_latent, rng)
@@ -86,11 +86,23 @@ def make_steps(graphdef, weight_decay: float, grad_clip: float | None, loss: Cal
 
 
 
+def join_aux(params: Any, aux: Any) -> Any:
+    """The tree the optimizer trains: `params`, or {"model": params, "aux": aux} for a method with training-only
+    parameters (`Method.init_aux_params`, SIM-CoT's step decoder); its loss then receives that tree."""
+    return params if aux is None else {"model": params, "aux": aux}
+
+
+def model_part(trained: Any) -> Any:
+    """The model's params of a trained tree (`join_aux`'s inverse for the model part)."""
+    return trained["model"] if type(trained) is dict and set(trained) == {"model", "aux"} else trained
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
     """Params, AdamW state, the gradient accumulator, the step count and an rng; the optimizer settings ride along
-    as static fields. Create with `TrainState.create`."""
+    as static fields. Create with `TrainState.create`. For a method with training-only parameters, params is
+    `join_aux(params, method.init_aux_params(graphdef, params))`."""
 
     params: Any
     opt_state: Any

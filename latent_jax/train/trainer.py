@@ -32,7 +32,8 @@ from latent_jax.train.checkpoint import Checkpointer, CheckpointError, MetricsLo
 from latent_jax.train.pipeline import (epoch_dataset, epoch_iterator, fingerprint, micro_batches_per_epoch,
                                        same_layout_across_hosts)
 from latent_jax.train.runlock import RunLock
-from latent_jax.train.step import TrainState, make_optimizer, make_steps, train_step  # noqa: F401 (re-exported)
+from latent_jax.train.step import (TrainState, join_aux, make_optimizer, make_steps,  # noqa: F401 (re-exported)
+                                   train_step)
 
 log = logging.getLogger(__name__)
 SCHEDULES = ("constant", "cosine", "linear")
@@ -177,8 +178,10 @@ class _Loop:
         # schedule (iCoT-SI removal counts); CoT / No-CoT / Pause keep their AdamW moments across epochs
         self.staged = method.schedule(0, 0, self.steps_per_epoch) is not None or method.num_stages() > 1
         self.params = self.place.tree(params)
-        self.opt_state = self.place.tree(self.tx.init(self.params))
-        self.acc = self.place.tree(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), self.params))
+        aux = method.init_aux_params(graphdef, params, cfg.seed)  # training-only params (SIM-CoT's decoder)
+        self.aux = None if aux is None else self.place.tree(aux)
+        self.opt_state = self.place.tree(self.tx.init(self.trained))
+        self.acc = self.place.tree(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), self.trained))
         self.trajectory = {k: v for k, v in cfg.to_dict().items()
                            if k not in RESUMABLE and not (k == "epochs" and cfg.schedule == "constant")}
         self.trajectory.update(method=method.name, n_records=len(records), data=fingerprint(records),
@@ -189,6 +192,11 @@ class _Loop:
         self.progress, self.best_params, self.restored = _Progress(), None, None
         self.ckpt = self.best_ckpt = None
         self.t_start = time.perf_counter()
+
+    @property
+    def trained(self) -> Any:
+        """What the optimizer trains: the params, with the method's training-only params (`join_aux`)."""
+        return join_aux(self.params, self.aux)
 
     def stage_at(self, epoch: int, micro: int) -> int:
         """The stage of micro-batch `micro` of `epoch` (`Method.stage_at`: its schedule, else its curriculum)."""
@@ -209,8 +217,10 @@ class _Loop:
                                  comparable_trajectory(self.trajectory, meta.get("train_config", {})),
                                  ckpt.directory / str(s))
 
-            self.restored, meta, self.params, self.opt_state = ckpt.restore_good(
-                abstract_like(self.params), abstract_like(self.opt_state), check_meta=check)
+            self.restored, meta, restored, self.opt_state = ckpt.restore_good(
+                abstract_like(self.params), abstract_like(self.opt_state), check_meta=check,
+                abstract_aux=None if self.aux is None else abstract_like(self.aux))
+            self.params, self.aux = (restored, None) if self.aux is None else restored
             for s in ckpt.all_steps():  # corrupt steps newer than the one resumed are re-run (and re-saved)
                 if s > self.restored:
                     ckpt.delete(s)
@@ -236,7 +246,7 @@ class _Loop:
                     seed=self.cfg.seed, train_seconds=p.elapsed + now - self.t_start,
                     wall_seconds=p.wall_before + now - self.wall_start, model_config=self.model_cfg.to_dict(),
                     train_config=self.trajectory, train_config_full=self.cfg.to_dict())
-        self.ckpt.save(p.step, self.params, meta, self.opt_state, data_iter)
+        self.ckpt.save(p.step, self.params, meta, self.opt_state, data_iter, aux=self.aux)
 
     # ---- one epoch ----------------------------------------------------------------------------------------------
     def epoch(self, metrics: MetricsLog, bar) -> int:
@@ -256,14 +266,14 @@ class _Loop:
                 self.ckpt.restore_iterator(self.restored, it)
             self.restored = None
         if p.micro == 0 and p.epoch > 0 and cur.reset_optimizer == "epoch":
-            self.opt_state = place.tree(self.tx.init(self.params))
+            self.opt_state = place.tree(self.tx.init(self.trained))
         stage = p.last_stage
         while p.micro < self.n_micro:
             t0, stage = time.perf_counter(), self.stage_at(p.epoch, p.micro)
             if self.staged and p.last_stage is not None and stage != p.last_stage and cur.reset_optimizer == "stage":
-                self.opt_state = place.tree(self.tx.init(self.params))  # the stage (curriculum / count) changed
+                self.opt_state = place.tree(self.tx.init(self.trained))  # the stage (curriculum / count) changed
             p.last_stage = stage
-            state = TrainState(self.params, self.opt_state, self.acc, jnp.int32(p.step),
+            state = TrainState(self.trained, self.opt_state, self.acc, jnp.int32(p.step),
                                jax.random.fold_in(self.rng0, p.step), self.graphdef, cfg.lr, cfg.weight_decay,
                                cfg.grad_clip)
             k = min(cfg.grad_accum, self.n_micro - p.micro)  # micro-batches collated lazily (overlaps dispatch)
@@ -271,7 +281,9 @@ class _Loop:
             state, m = train_step(state, (same_layout_across_hosts(next(it)) for _ in range(k)), lr=lr,
                                   loss=method.loss_for_stage(stage), normalization=cfg.loss_normalization,
                                   mesh=place.mesh, remat=cfg.remat, place=place.batch)
-            self.params, self.opt_state, self.acc, p.micro = state.params, state.opt_state, state.grad_acc, p.micro + k
+            self.opt_state, self.acc, p.micro = state.opt_state, state.grad_acc, p.micro + k
+            self.params, self.aux = (state.params, None) if self.aux is None else \
+                (state.params["model"], state.params["aux"])
             loss_sum, n_tok, loss = m["loss_sum"], m["n_tokens"], m["loss"]
             if not math.isfinite(loss):  # a non-finite gradient left params and optimizer state unchanged
                 _fail(self.ckpt, f"loss is {loss}", p.step, p.epoch, stage)
