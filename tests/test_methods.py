@@ -66,6 +66,11 @@ def test_baselines_and_ablations():
     pause = method("pause", n_pause=4)
     ex = pause.encode(REC, 0)
     assert ex.tokens.count(pause.pause_id) == 4 and labelled_text(pause, ex) == "### Alex is a b.<|endoftext|>"
+    # keep-best: a curriculum variant only from its last latent stage on (the form the final evaluation uses)
+    for name in ("coconut", "no_thought", "pause_as_thought"):
+        m = method(name, max_latent_stage=3)
+        assert [m.eligible_for_best(s) for s in (0, 2, 3, 4)] == [False, False, True, True], name
+    assert all(method(n, max_latent_stage=3).eligible_for_best(0) for n in ("cot", "no_cot", "no_curriculum"))
 
 
 def test_bad_method_input():

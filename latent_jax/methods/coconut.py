@@ -76,6 +76,15 @@ class Coconut(Method):
     def max_latent_stage(self) -> int:
         return self.cfg.max_latent_stage
 
+    def eligible_for_best(self, stage: int) -> bool:
+        """A curriculum variant keeps its best model only from its last latent stage on: the final evaluation
+        removes every step, and an epoch of an earlier stage, selected by its accuracy at that stage, is not the
+        model the report evaluates (session 14: keep-best at stage 3 then reported 52.7% where the last epoch gave
+        60.3%). CoT, No-CoT and w/o curriculum: every epoch."""
+        if self.cfg.variant in ("cot", "no_cot", "no_curriculum"):
+            return True
+        return stage >= self.cfg.max_latent_stage
+
     def stage_note(self, stage: int) -> str | None:
         """A stage past `max_latent_stage` (every written reasoning step removed) says so."""
         c = self.cfg

@@ -194,7 +194,11 @@ class SimCoT(Method):
         return self._losses[key]
 
     def init_aux_params(self, graphdef, params, seed: int = 0):
-        """{"decoder": params of a model of the backbone's architecture}: a copy of the backbone, or random."""
+        """{"decoder": params of a model of the backbone's architecture}: a copy of the backbone, or random.
+        Single-process training only (any number of local devices): each host would lay out its own step targets."""
+        if jax.process_count() > 1:
+            raise ValueError("SIM-CoT trains in one process only (any number of local devices): the hosts' step"
+                             " targets [B, G, L] are not aligned across processes yet")
         if self.cfg.decoder_init == "backbone":
             return {"decoder": jax.tree.map(jnp.copy, params)}
         return {"decoder": init_model(get_config(graphdef, params), seed=seed + 1)[1]}
