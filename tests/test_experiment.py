@@ -105,8 +105,9 @@ def test_train_export_eval_end_to_end(tmp_path, capsys):
     from latent_jax.models import forward
 
     out = tmp_path / "run"
+    # max_latent_stage 1: epoch 1 reaches the last latent stage, from which Coconut keeps its best
     ov = ["data.train_n=24", "data.valid_n=6", "train.epochs=2", "train.batch_size=8", "train.progress=false",
-          "model.overrides.n_layers=1", "model.overrides.d_model=32", "model.overrides.head_dim=8",
+          "method.max_latent_stage=1", "model.overrides.n_layers=1", "model.overrides.d_model=32", "model.overrides.head_dim=8",
           "model.overrides.d_ff=64", "eval.batch_size=6", "eval.max_new_tokens=4", f"output_dir={out}"]
     assert main(["train", "prosqa_coconut_cpu", *ov]) == 0
     printed = capsys.readouterr().out
