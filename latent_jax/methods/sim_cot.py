@@ -160,7 +160,7 @@ class SimCoT(Method):
 
     # ---- SIM-CoT's own part --------------------------------------------------------------------------------------
     def encode(self, record: dict[str, Any], stage: int) -> Example:
-        """The base's example, with each thought's target: the tokens of the step it replaces (or none)."""
+        """The base's example, with each thought group's target: the step(s) it replaces, then <eos> (or none)."""
         ex = self.base.encode(record, stage)
         steps = self.base.record_tokens(record).steps
         n_rep, c = self.base.steps_replaced(len(steps), stage), max(self.base.thoughts_per_step, 1)
