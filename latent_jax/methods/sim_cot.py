@@ -95,7 +95,7 @@ class SimCoT(Method):
         self.cfg = cfg
         self.base = build_method(cfg.base, tokenizer, **cfg.base_options)
         self.tok = self.base.tok
-        self._losses: dict[int, Any] = {}
+        self._losses: dict[Any, SimCoTLoss] = {}
 
     # ---- what the base method is ---------------------------------------------------------------------------------
     special_tokens = property(lambda self: self.base.special_tokens)
@@ -187,11 +187,11 @@ class SimCoT(Method):
         return dataclasses.replace(b, extra={**b.extra, "thought_steps": steps})
 
     def loss_for_stage(self, stage: int):
-        key = id(self.base.loss_for_stage(stage))
-        if key not in self._losses:  # the same object per base loss: the jitted step is cached on it
-            self._losses[key] = SimCoTLoss(self.base.loss_for_stage(stage), self.next_input,
-                                           float(self.cfg.step_weight), max(self.base.thoughts_per_step, 1))
-        return self._losses[key]
+        base = self.base.loss_for_stage(stage)
+        if base not in self._losses:  # the same object per base loss: the jitted step is cached on it
+            self._losses[base] = SimCoTLoss(base, self.next_input, float(self.cfg.step_weight),
+                                            max(self.base.thoughts_per_step, 1))
+        return self._losses[base]
 
     def init_aux_params(self, graphdef, params, seed: int = 0):
         """{"decoder": params of a model of the backbone's architecture}: a copy of the backbone, or random.

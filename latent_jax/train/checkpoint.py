@@ -160,9 +160,10 @@ class Checkpointer:
                      check_meta: Callable[[dict[str, Any], int], None] | None = None, abstract_aux: Any = None
                      ) -> tuple[int, dict[str, Any], Any, Any]:
         """(step, meta, params, opt_state) of the newest step that restores and matches its checksums (or of
-        `step` only, when given); with `abstract_aux`, params is the pair (params, aux) (`restore`). A bad step is logged (one warning line naming it and why), remembered in
-        `bad_steps`, and skipped; none good -> CheckpointError. `check_meta(meta, step)` runs on the first readable
-        meta and may raise (e.g. a config mismatch is not a corruption: it is never skipped)."""
+        `step` only, when given); with `abstract_aux`, params is the pair (params, aux) (`restore`). A bad step is
+        logged (one warning line naming it and why), remembered in `bad_steps`, and skipped; none good ->
+        CheckpointError. `check_meta(meta, step)` runs on the first readable meta and may raise (e.g. a config
+        mismatch is not a corruption: it is never skipped)."""
         steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
         if not steps:
             raise FileNotFoundError(f"{self.directory}: no committed checkpoint")
