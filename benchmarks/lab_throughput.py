@@ -54,9 +54,9 @@ def main(argv=None):
     from latent_jax.methods.base import collate
     from latent_jax.train.trainer import TrainConfig, make_steps, train
 
-    cfg = load_config(args.config, list(args.overrides) + ["compare=null"])
-    if load_config(args.config).compare:
-        cfg = cfg.replace(method=load_config(args.config).compare[-1])  # the comparison's latent method
+    cfg = load_config(args.config, list(args.overrides))
+    if cfg.compare:  # the comparison's latent method (`compare=null method=...` measures another)
+        cfg = cfg.replace(method=cfg.compare[-1], compare=None)
     n = max(args.loop_records, max(int(b) for b in args.batches.split(",")))
     cfg = cfg.replace(data=cfg.data.replace(train_n=n))
     train_records, _, _, (tok, method, mcfg, graphdef, params) = _records_and_build(cfg)

@@ -98,6 +98,8 @@ LAB_QA.update({m: {**LAB_QA[m], "max_latent_stage": 4, "pad_latent_to_max": True
                for m in ("coconut", "no_curriculum", "pause_as_thought")})
 LAB_QA["no_thought"] = {**LAB_QA["no_thought"], "max_latent_stage": 4}
 LAB_QA["superposition"] = {"name": "superposition", "max_latent_stage": 4}  # Coconut on BFS frontiers (Zhu et al.)
+# the same, with each thought also labelled with a node of its frontier at every stage (session 15)
+LAB_QA["superposition_labelled"] = {**LAB_QA["superposition"], "label_thoughts": True}
 LAB_QA["codi"] = {"name": "codi", "n_latent": 4}  # CODI (Shen et al.): as many thoughts as Coconut's last stage
 # SIM-CoT (Wei et al.): a step decoder on each thought of the lab's Coconut and CODI, at their budget
 LAB_QA["sim_cot_coconut"] = {"name": "sim_cot", "base": "coconut", "base_options": {

@@ -118,14 +118,17 @@ def thought_loop(graphdef, params, cache, h_BxD, logits_BxV, xs, step, extra=Non
     return cache, h, z, extra, trace
 
 
-def loss_fn(params, graphdef, batch: dict, prefix_len: int, n_latent: int, rng=None, *, with_hidden: bool = False):
+def loss_fn(params, graphdef, batch: dict, prefix_len: int, n_latent: int, rng=None, *, with_hidden: bool = False,
+            next_input=None):
     """Mean token loss of a batch (dict of arrays: tokens, mask, labels, latent; optional positions [B, T] as
     `latent_forward` takes them). rng: dropout key (training), None: no dropout. Returns (loss, aux). With the model
     config's `loss_chunk` > 0 the head and the cross-entropy run chunk by chunk (`latent_jax.loss`). with_hidden:
-    aux["hidden"] holds the final hidden states [B, T, D] (SIM-CoT reads the thoughts from them)."""
+    aux["hidden"] holds the final hidden states [B, T, D] (SIM-CoT reads the thoughts from them). next_input: what a
+    thought slot is fed (`latent_forward`; None: the hidden state itself)."""
     chunk = get_config(graphdef, params).loss_chunk
     out = latent_forward(graphdef, params, batch["tokens"], batch["mask"], batch["latent"], prefix_len, n_latent,
-                         batch.get("positions"), dropout_rng=rng, output="hidden" if chunk or with_hidden else "logits")
+                         batch.get("positions"), dropout_rng=rng, next_input=next_input,
+                         output="hidden" if chunk or with_hidden else "logits")
     if chunk:
         total, count, correct = chunked_token_loss(out, lm_head(graphdef, params), batch["labels"], chunk)
     elif with_hidden:  # the head applied here, as the model applies it

@@ -183,3 +183,26 @@ def make_batch(rng, vocab, specs, latent_id=7):
         labels = [IGNORE] * (p + n) + toks[p + n:]
         exs.append(Example([int(t) for t in toks], [int(t) for t in labels], latent_start=p, n_latent=n))
     return collate(exs, pad_id=0, bucket=8)
+
+
+def naive_latent_greedy(graphdef, params, prompt: Prompt, feed, max_new_tokens: int, eos_id: int) -> list[int]:
+    """Greedy tokens after `prompt` the slow way (tests' reference for a method's generation): full uncached passes,
+    each of the prompt's n thoughts the previous pass's last final hidden state put through `feed(h_1xD)`, then the
+    suffix, then one full pass per new token."""
+    import jax.numpy as jnp
+
+    from latent_jax.models import embed_tokens, forward
+
+    x = embed_tokens(graphdef, params, jnp.array([prompt.prefix]))
+    for _ in range(prompt.n_latent):
+        x = jnp.concatenate([x, feed(forward(graphdef, params, embeds=x).hidden[:, -1])[:, None]], axis=1)
+    if len(prompt.suffix):
+        x = jnp.concatenate([x, embed_tokens(graphdef, params, jnp.array([list(prompt.suffix)]))], axis=1)
+    out = []
+    for _ in range(max_new_tokens):
+        nxt = int(jnp.argmax(forward(graphdef, params, embeds=x).logits[0, -1]))
+        out.append(nxt)
+        if nxt == eos_id:
+            break
+        x = jnp.concatenate([x, embed_tokens(graphdef, params, jnp.array([[nxt]]))], axis=1)
+    return out

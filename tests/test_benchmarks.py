@@ -85,12 +85,16 @@ def test_prontoqa_cot_check_runs_on_an_export(tmp_path):
     assert 0 <= report["answer_consistent_with_own_last_step"] <= 1 and "prontoqa_cot_check.py" in report["command"]
 
 
+COCONUT = "{name: coconut, c_thought: 1, max_latent_stage: 3, pad_latent_to_max: true}"
+
+
 def test_lab_throughput_reports_peak_step_padding_and_loop(tmp_path):
     import lab_throughput  # noqa: E402  (benchmarks/)
 
     out = lab_throughput.main(["--batches", "4", "--buckets", "16", "--length-groups", "0,8", "--steps", "1",
                                "--loop-records", "96", "--peak-n", "256", "--out", str(tmp_path / "t.json"),
-                               "model.overrides.d_model=32", "model.overrides.head_dim=8", "model.overrides.d_ff=64"])
+                               "model.overrides.d_model=32", "model.overrides.head_dim=8", "model.overrides.d_ff=64",
+                               "compare=null", f"method={COCONUT}"])
     assert json.loads((tmp_path / "t.json").read_text())["method"] == "coconut"
     peak = out["peak_gflops"]["square"]
     assert peak > 0 and {r["layout"] for r in out["compiled_step"]} == {"cot_stage0", "final"}
@@ -99,9 +103,9 @@ def test_lab_throughput_reports_peak_step_padding_and_loop(tmp_path):
         assert r["real_tok_s"] <= r["padded_tok_s"]
     from latent_jax.experiment import load_config
 
-    job = load_config("prosqa_symbolic_cpu")  # the default job's Coconut: max_latent_stage thoughts at the end
+    job = load_config("prosqa_symbolic_cpu")
     final = next(r for r in out["compiled_step"] if r["layout"] == "final")
-    assert final["thoughts"] == job["method"]["max_latent_stage"]
+    assert final["thoughts"] == 3  # Coconut's final layout: max_latent_stage thoughts
     pads = {r["length_groups"]: r["padding_share"] for r in out["bucketing"]}
     assert 0 < pads[8] < pads[0] < 1
     assert out["trainer_loop"]["steps"] == -(-96 // job["train"]["batch_size"]) and out["trainer_loop"]["steady_real_tok_s"] > 0

@@ -15,7 +15,7 @@ from latent_jax.layout import IGNORE
 from latent_jax.methods import build_method, method_config, prepare_model
 from latent_jax.methods.codi import FILLER, STUDENT, TEACHER, codi_loss, distill_terms
 from latent_jax.models import embed_tokens, forward, init_model, project_thought
-from latent_jax.testing import tiny_config
+from latent_jax.testing import naive_latent_greedy, tiny_config
 from latent_jax.word_tokenizer import WordTokenizer
 
 RECORDS = symbolic_records(generate_prosqa(3, seed=1, rung="tiny"), "test")
@@ -219,19 +219,8 @@ def test_generation_feeds_projected_thoughts_and_transformers_still_loads_the_ex
     k = 4
     got = m.generate(graphdef, params, prompts, SamplingConfig(max_new_tokens=k), m.tok.eos_id, 0)
     for p, g in zip(prompts, got):
-        x = embed_tokens(graphdef, params, jnp.array([p.prefix]))
-        for _ in range(p.n_latent):
-            h = forward(graphdef, params, embeds=x).hidden[:, -1]
-            x = jnp.concatenate([x, project_thought(graphdef, params, h)[:, None]], axis=1)
-        x = jnp.concatenate([x, embed_tokens(graphdef, params, jnp.array([list(p.suffix)]))], axis=1)
-        want = []
-        for _ in range(k):
-            nxt = int(jnp.argmax(forward(graphdef, params, embeds=x).logits[0, -1]))
-            want.append(nxt)
-            if nxt == m.tok.eos_id:
-                break
-            x = jnp.concatenate([x, embed_tokens(graphdef, params, jnp.array([[nxt]]))], axis=1)
-        assert g == want
+        assert g == naive_latent_greedy(graphdef, params, p, lambda h: project_thought(graphdef, params, h), k,
+                                        m.tok.eos_id)
     # the thought loop itself: the logits after the projected thoughts are the naive ones, and not those of the
     # hidden states fed back unprojected
     from latent_jax.latent import feed_thoughts

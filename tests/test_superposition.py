@@ -53,26 +53,44 @@ def test_layouts_per_stage_and_the_final_prompt():
     assert method(frontier="on_path").tok.decode([method(frontier="on_path").encode(GRAPH, 1).tokens[-1]]) == "n3"
 
 
+def test_label_thoughts_labels_every_thought_with_its_frontier_node():
+    m, plain = method(max_latent_stage=3, label_thoughts=True), method(max_latent_stage=3)
+    q = m.tok.encode(GRAPH["question"])
+    nodes = m.frontier_ids(GRAPH)
+    assert [m.tok.decode([v]) in f for v, f in zip(nodes, frontiers(GRAPH))] == [True] * 3
+    for stage in range(3):
+        ex, ref = m.encode(GRAPH, stage), plain.encode(GRAPH, stage)
+        assert ex.tokens == ref.tokens and ex.n_latent == ref.n_latent == stage  # the same layout as the curriculum
+        # the label at thought k's own slot (predicted from the thought before it, or the root) is frontier k + 1
+        assert ex.labels[len(q):] == nodes[:stage + 1] and ex.labels[:len(q)] == [IGNORE] * len(q)
+    final = m.encode(GRAPH, 3)
+    assert final.labels[len(q):] == nodes + m.tok.encode("### n5") + [m.tok.eos_id]
+    assert final.tokens == plain.encode(GRAPH, 3).tokens
+
+
 def test_bad_config_and_records_without_graphs():
     with pytest.raises(ValueError, match="frontier='bfs' is invalid"):
         method_config("superposition", frontier="bfs")
     with pytest.raises(ValueError, match="max_latent_stage=-1 is invalid"):
         method_config("superposition", max_latent_stage=-1)
+    with pytest.raises(ValueError, match="label_thoughts=True is invalid"):
+        method_config("superposition", dense=True, label_thoughts=True)
     text = {k: GRAPH[k] for k in ("question", "steps", "answer")}
     with pytest.raises(ValueError, match="data.encoding=symbolic"):
         method().encode(text, 0)
 
 
-@pytest.mark.parametrize("dense", [False, True])
-def test_trains_and_evaluates_end_to_end(tmp_path, dense):
+@pytest.mark.parametrize("options", ["dense: false", "dense: true", "label_thoughts: true, thought: soft_token"])
+def test_trains_and_evaluates_end_to_end(tmp_path, options):
     """Through the experiment runner: the curriculum reaches the final layout (or dense: one stage), the loss falls,
     and evaluation decodes `### node` answers after the thoughts."""
     import json
 
     from latent_jax.cli import main
 
+    dense = options == "dense: true"
     out = tmp_path / "run"
-    ov = ["compare=null", f"method={{name: superposition, max_latent_stage: 1, dense: {str(dense).lower()}}}",
+    ov = ["compare=null", f"method={{name: superposition, max_latent_stage: 1, {options}}}",
           "data.rung=tiny", "data.train_n=48", "data.valid_n=10", "data.select_n=10", "train.epochs=3",
           "train.batch_size=8", "train.progress=false", "model.overrides.d_model=32", "model.overrides.head_dim=8",
           "model.overrides.d_ff=64", "eval.batch_size=10", f"output_dir={out}"]
@@ -86,3 +104,72 @@ def test_trains_and_evaluates_end_to_end(tmp_path, dense):
     ev = json.loads((out / "eval.json").read_text())
     assert ev["n"] == 10 and all(not e["correct"] or e["generated"].startswith("###") for e in ev["examples"])
     assert res["eval_stage"] == (0 if dense else 2)  # the final stage (the prompt is the final layout at any)
+
+
+def _soft_setup(tie):
+    import jax
+
+    from latent_jax.methods import prepare_model
+    from latent_jax.models import init_model
+    from latent_jax.testing import tiny_config
+
+    m = method(max_latent_stage=2, label_thoughts=True, thought="soft_token")
+    cfg = tiny_config(vocab_size=m.tok.vocab_size, d_model=32, head_dim=8, d_ff=64, tie_embeddings=tie)
+    graphdef, params = init_model(cfg, seed=5)
+    _, graphdef, params = prepare_model(m, cfg, graphdef, params)
+    return jax, m, graphdef, params
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_soft_token_thoughts_loss_gradients_and_generation_match_naive_full_passes(tie):
+    """thought: soft_token feeds each thought slot softmax(h W_head^T) @ E of the previous column's final hidden
+    state. The batched latent loop (one cached scan) gives the loss and every gradient of n + 1 uncached full passes
+    that feed that mix written out here, and generation writes the tokens of the same naive loop."""
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from latent_jax.generate import SamplingConfig
+    from latent_jax.models import embed_tokens, forward, lm_head, soft_token_thought
+    from latent_jax.testing import naive_latent_greedy
+
+    jax, m, graphdef, params = _soft_setup(tie)
+
+    def soft(p, h):  # written out: probabilities from the head, the mix from the embedding table
+        probs = jax.nn.softmax(h @ lm_head(graphdef, p).T, axis=-1)
+        return probs @ p["embed"][...]
+
+    h = jax.random.normal(jax.random.key(0), (3, 32))
+    np.testing.assert_allclose(soft_token_thought(graphdef, params, h), soft(params, h), rtol=1e-5, atol=1e-6)
+    records = symbolic_records(generate_prosqa(4, seed=2, rung="tiny"), "gen")
+    b = m.collate([m.encode(r, 2) for r in records], pad_id=0, bucket=8)
+    a = {k: jnp.asarray(v) for k, v in b.arrays().items()}
+    P, n = b.prefix_len, b.n_latent
+    assert n >= 2 and int((a["labels"][:, P:P + n] != IGNORE).sum()) > 0  # labelled thoughts in the batch
+
+    def naive(p):
+        x = embed_tokens(graphdef, p, a["tokens"])
+        for k in range(n):
+            hk = forward(graphdef, p, embeds=x, mask=a["mask"]).hidden[:, P + k - 1]
+            x = x.at[:, P + k].set(jnp.where(a["latent"][:, P + k, None], soft(p, hk), x[:, P + k]))
+        logits = forward(graphdef, p, embeds=x, mask=a["mask"]).logits
+        lab = a["labels"][:, 1:]
+        keep = lab != IGNORE
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], jnp.where(keep, lab, 0)) * keep
+        return ce.sum() / keep.sum()
+
+    loss = m.loss_for_stage(2)
+    (got, _), g_got = jax.jit(jax.value_and_grad(lambda p: loss(p, graphdef, a, P, n), has_aux=True))(params)
+    want, g_want = jax.jit(jax.value_and_grad(naive))(params)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    hidden_fed = method(max_latent_stage=2, label_thoughts=True).loss_for_stage(2)(params, graphdef, a, P, n)[0]
+    assert abs(float(hidden_fed) - float(got)) > 1e-3  # the soft mix is what the slots get, not the hidden state
+    flat_got, flat_want = jax.tree.leaves(g_got), jax.tree.leaves(g_want)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in flat_want)
+    for x, w in zip(flat_got, flat_want):
+        np.testing.assert_allclose(x, w, atol=2e-5 * scale, rtol=1e-4)
+
+    prompts = [m.prompt(r, 0) for r in records[:2]]
+    got_tokens = m.generate(graphdef, params, prompts, SamplingConfig(max_new_tokens=4), m.tok.eos_id, 0)
+    for pr, g in zip(prompts, got_tokens):
+        assert g == naive_latent_greedy(graphdef, params, pr, lambda h: soft(params, h), 4, m.tok.eos_id)

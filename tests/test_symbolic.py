@@ -158,7 +158,7 @@ def test_symbolic_export_evaluates_and_refuses_the_other_encoding(tmp_path):
     from latent_jax.experiment import build, load_config, run_eval
 
     out = tmp_path / "run"
-    ov = [*TOY, "compare=null", "method.name=coconut", f"output_dir={out}"]
+    ov = [*TOY, "compare=null", "method={name: coconut, c_thought: 1, max_latent_stage: 3}", f"output_dir={out}"]
     assert main(["train", "prosqa_symbolic_cpu", *ov]) == 0
     res = run_eval(load_config("prosqa_symbolic_cpu", [*ov, f"output_dir={tmp_path / 'ev'}"]), str(out / "export"),
                    progress=False)

@@ -26,17 +26,21 @@ symbolic ProsQA (`data.encoding: symbolic`: one token per node, the graph fields
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from typing import Any
 
 from latent_jax.config import check_rules, coerce_numbers
 from latent_jax.data.prosqa import bfs_distances, graph_adjacency
+from latent_jax.latent import loss_fn
 from latent_jax.layout import IGNORE, Example, Prompt
 from latent_jax.methods.base import Method, first_token_id
 from latent_jax.methods.coconut import LATENT
+from latent_jax.models import soft_token_thought
 from latent_jax.tokenizer import Tokenizer
 
 FRONTIERS = ("reachable", "on_path")
+THOUGHTS = ("hidden", "soft_token")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,18 +48,25 @@ class SuperpositionConfig:
     """max_latent_stage: the last intermediate stage (the trainer's curriculum goes 0..max_latent_stage+1; a record
     reaches its final layout at stage min(n, max_latent_stage + 1)); frontier: see the module docstring. dense: every
     stage's loss in one example (the final layout with a frontier node as the label of each thought; no curriculum,
-    one stage)."""
+    one stage). label_thoughts: keep the curriculum, and also label each of a stage's thoughts with its frontier node
+    (stage s then trains s + 1 frontier lookups an example instead of one). thought: what a thought slot is fed,
+    "hidden" (Coconut: the previous final hidden state) or "soft_token" (the mix of token embeddings that hidden
+    state predicts, `models.soft_token_thought`: a superposition of the node embeddings by construction)."""
 
     max_latent_stage: int = 4
     frontier: str = "reachable"
     dense: bool = False
+    label_thoughts: bool = False
+    thought: str = "hidden"
     init_token: str = "<<"
 
     def __post_init__(self):
         coerce_numbers(self, "SuperpositionConfig", strict_types=True)
         check_rules(self, "SuperpositionConfig", [
             ("max_latent_stage", self.max_latent_stage >= 0, ">= 0"),
-            ("frontier", self.frontier in FRONTIERS, f"one of {FRONTIERS}")])
+            ("frontier", self.frontier in FRONTIERS, f"one of {FRONTIERS}"),
+            ("thought", self.thought in THOUGHTS, f"one of {THOUGHTS}"),
+            ("label_thoughts", not (self.label_thoughts and self.dense), "not with dense (dense labels every thought)")])
 
 
 def frontiers(record: dict[str, Any], kind: str = "reachable") -> list[list[str]]:
@@ -80,6 +91,11 @@ class Superposition(Method):
         self.special_tokens = (LATENT,)
         self.ids = dict(zip(self.special_tokens, tokenizer.add_special_tokens(list(self.special_tokens))))
         self._nodes: dict[str, list[int]] = {}
+        if cfg.thought == "soft_token":
+            self.next_input = soft_token_thought
+            self._loss = functools.partial(loss_fn, next_input=soft_token_thought)
+        else:
+            self._loss = loss_fn
 
     @property
     def max_latent_stage(self) -> int | None:
@@ -90,6 +106,9 @@ class Superposition(Method):
 
     def eligible_for_best(self, stage: int) -> bool:  # before the last stage not every record's answer is trained
         return self.cfg.dense or stage > self.cfg.max_latent_stage
+
+    def loss_for_stage(self, stage: int):
+        return self._loss
 
     def init_token_id(self) -> int:
         return first_token_id(self.tok, self.cfg.init_token)
@@ -117,11 +136,13 @@ class Superposition(Method):
         t = self.record_tokens(record)
         q, n = t.question, len(t.steps)
         if stage < n and stage <= self.cfg.max_latent_stage and not self.cfg.dense:
-            v = self.frontier_ids(record)[stage]
-            return Example(q + [self.ids[LATENT]] * stage + [v], [IGNORE] * (len(q) + stage) + [v],
+            ids = self.frontier_ids(record)
+            thoughts = ids[:stage] if self.cfg.label_thoughts else [IGNORE] * stage
+            return Example(q + [self.ids[LATENT]] * stage + [ids[stage]], [IGNORE] * len(q) + thoughts + [ids[stage]],
                            latent_start=len(q), n_latent=stage)
         tokens = q + [self.ids[LATENT]] * n + t.answer
-        thoughts = self.frontier_ids(record) if self.cfg.dense else [IGNORE] * n
+        labelled = self.cfg.dense or self.cfg.label_thoughts
+        thoughts = self.frontier_ids(record) if labelled else [IGNORE] * n
         return Example(tokens, [IGNORE] * len(q) + thoughts + t.answer, latent_start=len(q), n_latent=n)
 
     def prompt(self, record: dict[str, Any], stage: int) -> Prompt:
