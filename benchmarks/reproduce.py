@@ -290,7 +290,7 @@ def plot_lab() -> list[pathlib.Path]:
         runs = {}
         for name in experiments("lab"):
             p = RESULTS / f"lab_{name}.json"
-            if name.startswith(task + "_") and p.exists():
+            if lab_task_and_label(name)[0] == task and p.exists():
                 r = json.loads(p.read_text())
                 runs[lab_task_and_label(name)[1]] = r["history"]
         if runs:

@@ -123,8 +123,12 @@ def test_lab_profile_configs_are_current_load_and_share_one_budget_per_task():
         assert cfg["data"]["select"] == "generated" and cfg["output_dir"] == f"runs/lab/{name}"
     for task in reproduce.LAB_TASKS:
         budgets = {json.dumps([reproduce.config_for(n, "lab")[k] for k in ("train", "model")]) for n in names
-                   if n.startswith(task + "_")}
+                   if reproduce.lab_task_and_label(n)[0] == task}
         assert len(budgets) == 1, task
+    width = {t: reproduce.config_for(f"{t}_superposition", "lab")["model"]["overrides"]["d_model"]
+             for t in ("sym_tiny", "sym_tiny_wide")}
+    assert width == {"sym_tiny": 128, "sym_tiny_wide": 256}  # the wide rung: same data and schedule, 4x the params
+    assert reproduce.lab_task_and_label("sym_tiny_wide_no_cot") == ("sym_tiny_wide", "no_cot")
     assert {"sym_small_coconut", "sym_real_coconut", "sym_real_no_thought", "sym_real_pause_as_thought",
             "sym_real_no_curriculum", "mult3_icot_si", "mult4_icot_si", "mult4_no_cot"} <= set(names)
     assert reproduce.config_for("sym_real_cot", "lab")["data"]["encoding"] == "symbolic"
