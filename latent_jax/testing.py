@@ -185,24 +185,37 @@ def make_batch(rng, vocab, specs, latent_id=7):
     return collate(exs, pad_id=0, bucket=8)
 
 
-def naive_latent_greedy(graphdef, params, prompt: Prompt, feed, max_new_tokens: int, eos_id: int) -> list[int]:
-    """Greedy tokens after `prompt` the slow way (tests' reference for a method's generation): full uncached passes,
-    each of the prompt's n thoughts the previous pass's last final hidden state put through `feed(h_1xD)`, then the
-    suffix, then one full pass per new token."""
+def naive_latent_greedy(graphdef, params, prompt: Prompt, max_new_tokens: int, feed=None, eos_id: int | None = None,
+                        width: int | None = None) -> list[int]:
+    """Greedy tokens after `prompt` the slow way (tests' reference for a method's generation): no cache, every step
+    one full forward of the whole sequence. Each of the prompt's n thoughts is the previous pass's last final hidden
+    state put through `feed(h_1xD)` (None: the hidden state itself, Coconut), then the suffix, then greedy tokens
+    until `eos_id`. Sequences are right-padded to `width` (causal attention: padding after the last position cannot
+    change it) so that one jitted forward serves every step."""
+    import jax
     import jax.numpy as jnp
 
     from latent_jax.models import embed_tokens, forward
 
-    x = embed_tokens(graphdef, params, jnp.array([prompt.prefix]))
+    width = width or len(prompt.prefix) + prompt.n_latent + len(prompt.suffix) + max_new_tokens
+    full = jax.jit(lambda emb_1xWxD: forward(graphdef, params, embeds=emb_1xWxD))
+
+    def last(emb_1xNxD):
+        n = emb_1xNxD.shape[1]
+        out = full(jnp.pad(emb_1xNxD, ((0, 0), (0, width - n), (0, 0))))
+        return out.hidden[:, n - 1], out.logits[0, n - 1]
+
+    emb = embed_tokens(graphdef, params, jnp.array([prompt.prefix]))
     for _ in range(prompt.n_latent):
-        x = jnp.concatenate([x, feed(forward(graphdef, params, embeds=x).hidden[:, -1])[:, None]], axis=1)
+        h_1xD = last(emb)[0]
+        emb = jnp.concatenate([emb, (h_1xD if feed is None else feed(h_1xD))[:, None].astype(emb.dtype)], axis=1)
     if len(prompt.suffix):
-        x = jnp.concatenate([x, embed_tokens(graphdef, params, jnp.array([list(prompt.suffix)]))], axis=1)
+        emb = jnp.concatenate([emb, embed_tokens(graphdef, params, jnp.array([list(prompt.suffix)]))], axis=1)
     out = []
     for _ in range(max_new_tokens):
-        nxt = int(jnp.argmax(forward(graphdef, params, embeds=x).logits[0, -1]))
+        nxt = int(jnp.argmax(last(emb)[1]))
         out.append(nxt)
         if nxt == eos_id:
             break
-        x = jnp.concatenate([x, embed_tokens(graphdef, params, jnp.array([[nxt]]))], axis=1)
+        emb = jnp.concatenate([emb, embed_tokens(graphdef, params, jnp.array([[nxt]]))], axis=1)
     return out

@@ -219,7 +219,7 @@ def test_generation_feeds_projected_thoughts_and_transformers_still_loads_the_ex
     k = 4
     got = m.generate(graphdef, params, prompts, SamplingConfig(max_new_tokens=k), m.tok.eos_id, 0)
     for p, g in zip(prompts, got):
-        assert g == naive_latent_greedy(graphdef, params, p, lambda h: project_thought(graphdef, params, h), k,
+        assert g == naive_latent_greedy(graphdef, params, p, k, lambda h: project_thought(graphdef, params, h),
                                         m.tok.eos_id)
     # the thought loop itself: the logits after the projected thoughts are the naive ones, and not those of the
     # hidden states fed back unprojected

@@ -1,6 +1,5 @@
 """Method layouts (Coconut, CoT, No-CoT, ablations, Pause), special tokens, latent generation, evaluation."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -9,9 +8,9 @@ from latent_jax.generate import SamplingConfig
 from latent_jax.methods import IGNORE, build_method, prepare_model
 from latent_jax.methods.base import Prompt
 from latent_jax.methods.coconut import BOT, EOT, LATENT, PAUSE
-from latent_jax.models import embed_tokens, forward, init_model
+from latent_jax.models import init_model
 from latent_jax.params import flatten_params
-from latent_jax.testing import tiny_config
+from latent_jax.testing import naive_latent_greedy, tiny_config
 from latent_jax.tokenizer import load_tokenizer
 
 REC = {"question": "Every a is a b. Alex is a a. Is Alex a b or c?",
@@ -95,29 +94,6 @@ def test_special_tokens_added_and_initialised_from_init_token():
     assert m.init_token_id() == 16791  # "<<" in GPT-2
 
 
-def naive_latent_generate(g, p, prompt, n_new, width=32):
-    """No cache: thoughts appended one at a time as hidden-state embeddings, then <eot>, then greedy tokens. Every
-    forward runs the whole sequence from scratch, right-padded to `width` (causal attention: the padding after
-    position n-1 cannot change its outputs) so that one jitted full forward serves every step."""
-    full = jax.jit(lambda emb_BxWxD: forward(g, p, embeds=emb_BxWxD))
-
-    def last(emb_1xNxD):
-        n = emb_1xNxD.shape[1]
-        out = full(jnp.pad(emb_1xNxD, ((0, 0), (0, width - n), (0, 0))))
-        return out.hidden[:, n - 1:n], out.logits[0, n - 1]
-
-    emb = embed_tokens(g, p, jnp.asarray([prompt.prefix]))
-    for _ in range(prompt.n_latent):
-        emb = jnp.concatenate([emb, last(emb)[0]], axis=1)
-    emb = jnp.concatenate([emb, embed_tokens(g, p, jnp.asarray([prompt.suffix]))], axis=1)
-    out = []
-    for _ in range(n_new):
-        t = int(jnp.argmax(last(emb)[1]))
-        out.append(t)
-        emb = jnp.concatenate([emb, embed_tokens(g, p, jnp.asarray([[t]]))], axis=1)
-    return out
-
-
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_latent_generation_equals_naive_and_batching(family):
     cfg = tiny_config(family)
@@ -128,13 +104,12 @@ def test_latent_generation_equals_naive_and_batching(family):
     sampling = SamplingConfig(max_new_tokens=6)
     batched = ev.generate_prompts(g, p, prompts, sampling, eos_id=-1, pad_id=0, batch_size=4)
     for pr, out in zip(prompts, batched):
-        assert out == naive_latent_generate(g, p, pr, 6)
+        assert out == naive_latent_greedy(g, p, pr, 6, width=32)
         assert ev.generate_prompts(g, p, [pr], sampling, eos_id=-1, pad_id=0) == [out]
     assert len({tuple(o) for o in batched}) == 3
 
 
 def jax_scale(p, s):
-    import jax
     return jax.tree.map(lambda x: x * s, p)
 
 

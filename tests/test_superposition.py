@@ -130,7 +130,8 @@ def test_soft_token_thoughts_loss_gradients_and_generation_match_naive_full_pass
     import optax
 
     from latent_jax.generate import SamplingConfig
-    from latent_jax.models import embed_tokens, forward, lm_head, soft_token_thought
+    from latent_jax.methods.superposition import soft_token_thought
+    from latent_jax.models import embed_tokens, forward, lm_head
     from latent_jax.testing import naive_latent_greedy
 
     jax, m, graphdef, params = _soft_setup(tie)
@@ -172,4 +173,4 @@ def test_soft_token_thoughts_loss_gradients_and_generation_match_naive_full_pass
     prompts = [m.prompt(r, 0) for r in records[:2]]
     got_tokens = m.generate(graphdef, params, prompts, SamplingConfig(max_new_tokens=4), m.tok.eos_id, 0)
     for pr, g in zip(prompts, got_tokens):
-        assert g == naive_latent_greedy(graphdef, params, pr, lambda h: soft(params, h), 4, m.tok.eos_id)
+        assert g == naive_latent_greedy(graphdef, params, pr, 4, lambda h: soft(params, h), m.tok.eos_id)

@@ -30,13 +30,16 @@ import functools
 import hashlib
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 from latent_jax.config import check_rules, coerce_numbers
 from latent_jax.data.prosqa import bfs_distances, graph_adjacency
 from latent_jax.latent import loss_fn
 from latent_jax.layout import IGNORE, Example, Prompt
 from latent_jax.methods.base import Method, first_token_id
 from latent_jax.methods.coconut import LATENT
-from latent_jax.models import soft_token_thought
+from latent_jax.methods.lt_fusion import embedding_matrices
 from latent_jax.tokenizer import Tokenizer
 
 FRONTIERS = ("reachable", "on_path")
@@ -51,7 +54,7 @@ class SuperpositionConfig:
     one stage). label_thoughts: keep the curriculum, and also label each of a stage's thoughts with its frontier node
     (stage s then trains s + 1 frontier lookups an example instead of one). thought: what a thought slot is fed,
     "hidden" (Coconut: the previous final hidden state) or "soft_token" (the mix of token embeddings that hidden
-    state predicts, `models.soft_token_thought`: a superposition of the node embeddings by construction)."""
+    state predicts, `soft_token_thought`: a superposition of the node embeddings by construction)."""
 
     max_latent_stage: int = 4
     frontier: str = "reachable"
@@ -82,6 +85,15 @@ def frontiers(record: dict[str, Any], kind: str = "reachable") -> list[list[str]
     return out
 
 
+def soft_token_thought(graphdef, params, h_BxD):
+    """The embedding a final hidden state [B, D] predicts: softmax(h W_head^T) @ E_in, the mix of token embeddings
+    weighted by the model's next-token probabilities (Soft Thinking's input, here trained through)."""
+    embed_VxD, head_VxD = embedding_matrices(graphdef, params)
+    probs_BxV = jax.nn.softmax(jnp.einsum("BD,VD->BV", h_BxD, head_VxD.astype(h_BxD.dtype),
+                                          preferred_element_type=jnp.float32), axis=-1)
+    return jnp.einsum("BV,VD->BD", probs_BxV, embed_VxD.astype(jnp.float32)).astype(h_BxD.dtype)
+
+
 class Superposition(Method):
     name = "superposition"
     uses_hidden_thoughts = True
@@ -93,9 +105,7 @@ class Superposition(Method):
         self._nodes: dict[str, list[int]] = {}
         if cfg.thought == "soft_token":
             self.next_input = soft_token_thought
-            self._loss = functools.partial(loss_fn, next_input=soft_token_thought)
-        else:
-            self._loss = loss_fn
+        self._loss = functools.partial(loss_fn, next_input=self.next_input)
 
     @property
     def max_latent_stage(self) -> int | None:

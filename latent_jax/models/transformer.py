@@ -153,15 +153,6 @@ def project_thought(graphdef, params, h_BxD):
     return model.thought_proj(h_BxD)
 
 
-def soft_token_thought(graphdef, params, h_BxD):
-    """The embedding a final hidden state [B, D] predicts: softmax(h W_head^T) @ E, the mix of token embeddings
-    weighted by the model's next-token probabilities ("soft" thoughts: Soft Thinking's input, trained here)."""
-    model = nnx.merge(graphdef, params)
-    probs_BxV = jax.nn.softmax(jnp.einsum("BD,VD->BV", h_BxD, model.head_VxD().astype(h_BxD.dtype),
-                                          preferred_element_type=jnp.float32), axis=-1)
-    return jnp.einsum("BV,VD->BD", probs_BxV, model.embed[...].astype(jnp.float32)).astype(h_BxD.dtype)
-
-
 def add_thought_projection(cfg: ModelConfig, params, dim: int, norm: bool = True, seed: int = 0):
     """(cfg, graphdef, params) of the same model with a fresh thought projection of width `dim` (CODI training)."""
     from latent_jax.params import flatten_params, params_from_flat
