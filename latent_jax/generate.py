@@ -60,11 +60,23 @@ class Feedback(NamedTuple):
     embed: Callable
 
 
+def shifted_positions(cache: KVCache, mask_BxT, shift_B):
+    """Position ids of new tokens after a cache: each row's count of real tokens so far, plus `shift_B` skipped
+    positions (`Prompt.position_shift`); None: None (the model counts them itself)."""
+    if shift_B is None:
+        return None
+    n_prev_B = jnp.sum(cache.mask_BxS, axis=1, dtype=jnp.int32)
+    pos = n_prev_B[:, None] + jnp.cumsum(mask_BxT, axis=1, dtype=jnp.int32) - 1 + shift_B[:, None]
+    return jnp.maximum(pos, 0)
+
+
 def decode_loop(graphdef, params, cache: KVCache, last_logits_BxV, rng, sampling: SamplingConfig,
-                eos_ids: tuple[int, ...], pad_id: int, feedback: Feedback | None = None, last_hidden_BxD=None):
+                eos_ids: tuple[int, ...], pad_id: int, feedback: Feedback | None = None, last_hidden_BxD=None,
+                position_shift_B=None):
     """Decode up to max_new_tokens from a filled cache. Returns (tokens [B, N] padded after EOS, lengths [B]).
     feedback (with the prefill's last hidden state): a method's inputs instead of the tokens' embeddings; without
-    it the loop carries no hidden state or extra (None leaves) and feeds the sampled tokens."""
+    it the loop carries no hidden state or extra (None leaves) and feeds the sampled tokens. position_shift_B
+    (int [B]): positions the row skipped before (`shifted_positions`); None: none."""
     B, N = last_logits_BxV.shape[0], sampling.max_new_tokens
     eos = jnp.asarray(eos_ids, jnp.int32)
     fb = feedback
@@ -77,11 +89,12 @@ def decode_loop(graphdef, params, cache: KVCache, last_logits_BxV, rng, sampling
         rng, sub = jax.random.split(rng)
         tok = jnp.where(done, pad_id, sample_logits(logits if fb is None else fb.mask(logits, extra), sub, sampling))
         out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], step, axis=1)
+        pos = shifted_positions(cache, ~done[:, None], position_shift_B)
         if fb is None:
-            o = forward(graphdef, params, tokens=tok[:, None], mask=~done[:, None], cache=cache)
+            o = forward(graphdef, params, tokens=tok[:, None], mask=~done[:, None], cache=cache, positions=pos)
         else:
             x_BxD, extra = fb.embed(tok, embed_tokens(graphdef, params, tok[:, None])[:, 0], logits, h, extra, done)
-            o = forward(graphdef, params, embeds=x_BxD[:, None], mask=~done[:, None], cache=cache)
+            o = forward(graphdef, params, embeds=x_BxD[:, None], mask=~done[:, None], cache=cache, positions=pos)
             h = o.hidden[:, -1]
         return step + 1, o.cache, o.logits[:, -1], h, extra, done | jnp.isin(tok, eos), out, rng
 

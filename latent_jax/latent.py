@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latent_jax.generate import SamplingConfig, decode_loop
+from latent_jax.generate import SamplingConfig, decode_loop, shifted_positions
 from latent_jax.layout import Prompt, layout_prompts, token_loss  # noqa: F401 (token_loss re-exported)
 from latent_jax.loss import chunked_token_loss
 from latent_jax.models import embed_tokens, forward, get_config, init_cache, lm_head
@@ -157,10 +157,11 @@ def feed_thoughts(graphdef, params, cache, h_BxD, logits_BxV, active_nxB, collec
 @functools.partial(jax.jit, static_argnames=("graphdef", "n_latent", "sampling", "eos_ids", "pad_id", "next_input"))
 def latent_generate_padded(graphdef, params, prefix_BxP, prefix_mask_BxP, think_mask_Bxn, suffix_BxS, rng, *,
                            n_latent: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], pad_id: int,
-                           next_input=None):
+                           next_input=None, position_shift_B=None):
     """Prefix (left-padded) -> n thoughts (each the previous final hidden state, or `next_input` of it; row i
     thinks in the last sum(think_mask[i]) columns, right-aligned) -> suffix tokens (e.g. <eot>) -> decode. One
-    compile per bucket."""
+    compile per bucket. position_shift_B (int [B] or None): positions each row skips before its suffix
+    (`Prompt.position_shift`)."""
     cfg = get_config(graphdef, params)
     B, P = prefix_BxP.shape
     S = suffix_BxS.shape[1]
@@ -170,9 +171,11 @@ def latent_generate_padded(graphdef, params, prefix_BxP, prefix_mask_BxP, think_
     cache, _, last, _ = feed_thoughts(graphdef, params, o.cache, o.hidden[:, -1], o.logits[:, -1],
                                       jnp.swapaxes(think_mask_Bxn, 0, 1), next_input=next_input)
     if S:
-        o = forward(graphdef, params, tokens=suffix_BxS, cache=cache)
+        pos = shifted_positions(cache, jnp.ones(suffix_BxS.shape, bool), position_shift_B)
+        o = forward(graphdef, params, tokens=suffix_BxS, cache=cache, positions=pos)
         cache, last = o.cache, o.logits[:, -1]
-    return decode_loop(graphdef, params, cache, last, rng, sampling, eos_ids, pad_id)
+    return decode_loop(graphdef, params, cache, last, rng, sampling, eos_ids, pad_id,
+                       position_shift_B=position_shift_B)
 
 
 def generate_prompts(graphdef, params, prompts: Sequence[Prompt], sampling: SamplingConfig, eos_id: int,
@@ -182,13 +185,20 @@ def generate_prompts(graphdef, params, prompts: Sequence[Prompt], sampling: Samp
     cfg = get_config(graphdef, params)
     prefix, mask, think, suffix = layout_prompts(prompts, pad_id, bucket, batch_size)
     # positions count real tokens only (left padding takes cache slots, not positions)
-    total = max(len(p.prefix) + p.n_latent + len(p.suffix) for p in prompts) + sampling.max_new_tokens
+    need = [len(p.prefix) + p.n_latent + p.position_shift + len(p.suffix) for p in prompts]
+    total = max(need) + sampling.max_new_tokens
     if total > cfg.max_positions:
-        i = max(range(len(prompts)), key=lambda j: len(prompts[j].prefix) + prompts[j].n_latent)
-        raise ValueError(f"prompt {i} of the batch: prompt + thoughts + max_new_tokens = {total} positions >"
-                         f" max_positions {cfg.max_positions}")
+        i = max(range(len(prompts)), key=need.__getitem__)
+        raise ValueError(f"prompt {i} of the batch: prompt + thoughts + skipped positions + max_new_tokens = {total}"
+                         f" positions > max_positions {cfg.max_positions}")
+    if any(p.suffix == [] and p.position_shift for p in prompts):
+        raise ValueError("a Prompt with a position_shift needs a suffix (the positions are skipped before it)")
+    shift = None
+    if any(p.position_shift for p in prompts):
+        shift = np.zeros(prefix.shape[0], np.int32)
+        shift[:len(prompts)] = [p.position_shift for p in prompts]
     out, lengths = latent_generate_padded(graphdef, params, prefix, mask, think, suffix, jax.random.PRNGKey(seed),
                                           n_latent=think.shape[1], sampling=sampling, eos_ids=(eos_id,),
-                                          pad_id=pad_id, next_input=next_input)
+                                          pad_id=pad_id, next_input=next_input, position_shift_B=shift)
     out, lengths = np.asarray(out), np.asarray(lengths)
     return [out[i, :lengths[i]].tolist() for i in range(len(prompts))]

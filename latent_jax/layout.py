@@ -4,7 +4,9 @@ Below the methods, the latent loop, evaluation and the data pipeline; imports no
 optax), so no import runs back up the layering.
 
 An `Example` is one tokenized record at one curriculum stage: tokens, labels (HF convention: aligned with tokens,
--100 = ignored; the loss shifts), and a block of `n_latent` latent slots starting at `latent_start`.
+-100 = ignored; the loss shifts), and a block of `n_latent` latent slots starting at `latent_start`. A non-zero
+`position_shift` skips that many positions after the latent block (iCoT-SI's `keep_position`: the tokens after the
+removed CoT keep their original position ids); `collate` then writes explicit `positions` [B, T] into the batch.
 
 `collate` lays a batch out for the compiled latent loop: rows are left-padded so that every row's first latent
 slot sits at the same column `prefix_len` (rounded up to `bucket`), and right-padded to a bucketed total length.
@@ -36,6 +38,13 @@ class Example:
     # per group of thoughts_per_step thought slots, the token ids it must decode to (SIM-CoT's step decoder; () =
     # no target; unused by other methods)
     thought_targets: tuple[tuple[int, ...], ...] = ()
+    # positions skipped after the latent block: token t >= latent_start + n_latent sits at position t + shift
+    position_shift: int = 0
+
+    def positions(self) -> np.ndarray:
+        """Position ids of the tokens: 0, 1, ..., with `position_shift` added from the end of the latent block."""
+        t = np.arange(len(self.tokens), dtype=np.int32)
+        return t + self.position_shift * (t >= self.latent_start + self.n_latent)
 
     def __post_init__(self):
         if len(self.tokens) != len(self.labels):
@@ -43,6 +52,8 @@ class Example:
         if not 0 < self.latent_start <= len(self.tokens) - self.n_latent:
             raise ValueError(f"latent block [{self.latent_start}, +{self.n_latent}) does not fit in"
                              f" {len(self.tokens)} tokens after a non-empty prefix")
+        if self.position_shift < 0:
+            raise ValueError(f"position_shift must be >= 0, got {self.position_shift}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +84,8 @@ def collate(examples: Sequence[Example], pad_id: int, bucket: int = 32, max_len:
             batch_size: int | None = None, align: bool = False) -> Batch:
     """Align latent starts, pad to buckets. `batch_size` pads with empty rows (mask all False) for a fixed B.
     A batch without thoughts is only right-padded (prefix_len 0: no alignment padding, one compile per length)
-    unless `align` (a method that places its own thoughts after the aligned prefix, e.g. LT-Tuning)."""
+    unless `align` (a method that places its own thoughts after the aligned prefix, e.g. LT-Tuning). When an
+    example has a `position_shift`, the batch carries explicit `positions` [B, T] (int32; 0 on padding)."""
     if not examples:
         raise ValueError("empty batch")
     n_lat = max(e.n_latent for e in examples)
@@ -81,9 +93,10 @@ def collate(examples: Sequence[Example], pad_id: int, bucket: int = 32, max_len:
     P = round_up(max(starts), bucket)
     rest = max(len(e.tokens) - s - n_lat for e, s in zip(examples, starts))
     T = round_up(P + n_lat + max(rest, 1), bucket)
-    if max_len is not None and max(len(e.tokens) for e in examples) > max_len:
-        raise ValueError(f"an example has {max(len(e.tokens) for e in examples)} tokens, more than the model's"
-                         f" {max_len} positions (shorten the data or use a longer-context model)")
+    if max_len is not None and max(len(e.tokens) + e.position_shift for e in examples) > max_len:
+        raise ValueError(f"an example has {max(len(e.tokens) + e.position_shift for e in examples)} positions"
+                         f" (tokens + position_shift), more than the model's {max_len} (shorten the data or use a"
+                         f" longer-context model)")
     if max_len is not None and T > max_len:  # padding alone overflows: shrink the buckets to exact sizes
         P = max(starts)
         T = P + n_lat + max(rest, 1)
@@ -96,6 +109,8 @@ def collate(examples: Sequence[Example], pad_id: int, bucket: int = 32, max_len:
     labels = np.full((B, T), IGNORE, np.int32)
     mask = np.zeros((B, T), bool)
     latent = np.zeros((B, T), bool)
+    shifted = any(e.position_shift for e in examples)
+    positions = np.zeros((B, T), np.int32) if shifted else None
     for i, (e, start) in enumerate(zip(examples, starts)):
         off = P - start
         n = len(e.tokens)
@@ -103,7 +118,9 @@ def collate(examples: Sequence[Example], pad_id: int, bucket: int = 32, max_len:
         labels[i, off:off + n] = e.labels
         mask[i, off:off + n] = True
         latent[i, P:P + e.n_latent] = True
-    return Batch(tokens, mask, labels, latent, P, n_lat)
+        if shifted:
+            positions[i, off:off + n] = e.positions()
+    return Batch(tokens, mask, labels, latent, P, n_lat, {"positions": positions} if shifted else {})
 
 
 def first_token_id(tok, text: str, what: str = "init_token") -> int:
@@ -121,6 +138,7 @@ class Prompt:
     prefix: list[int]
     n_latent: int = 0
     suffix: list[int] = dataclasses.field(default_factory=list)
+    position_shift: int = 0  # positions skipped before the suffix (as `Example.position_shift`)
 
 
 def layout_prompts(prompts: Sequence[Prompt], pad_id: int, bucket: int = 16, batch_size: int | None = None):

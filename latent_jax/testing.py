@@ -190,15 +190,18 @@ def naive_latent_greedy(graphdef, params, prompt: Prompt, max_new_tokens: int, f
     """Greedy tokens after `prompt` the slow way (tests' reference for a method's generation): no cache, every step
     one full forward of the whole sequence. Each of the prompt's n thoughts is the previous pass's last final hidden
     state put through `feed(h_1xD)` (None: the hidden state itself, Coconut), then the suffix, then greedy tokens
-    until `eos_id`. Sequences are right-padded to `width` (causal attention: padding after the last position cannot
-    change it) so that one jitted forward serves every step."""
+    until `eos_id`; the prompt's `position_shift` is written out as explicit position ids (every position from the
+    suffix on moves by it). Sequences are right-padded to `width` (causal attention: padding after the last
+    position cannot change it) so that one jitted forward serves every step."""
     import jax
     import jax.numpy as jnp
 
     from latent_jax.models import embed_tokens, forward
 
     width = width or len(prompt.prefix) + prompt.n_latent + len(prompt.suffix) + max_new_tokens
-    full = jax.jit(lambda emb_1xWxD: forward(graphdef, params, embeds=emb_1xWxD))
+    t = jnp.arange(width, dtype=jnp.int32)
+    pos_1xW = (t + prompt.position_shift * (t >= len(prompt.prefix) + prompt.n_latent))[None]
+    full = jax.jit(lambda emb_1xWxD: forward(graphdef, params, embeds=emb_1xWxD, positions=pos_1xW))
 
     def last(emb_1xNxD):
         n = emb_1xNxD.shape[1]

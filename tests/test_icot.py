@@ -3,6 +3,7 @@ removal smoothing distribution, layouts at several removal counts, prompts witho
 tiny end-to-end `run_train`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -212,11 +213,22 @@ def test_config_accepts_inf_and_yaml(tmp_path):
         load_config("multiplication_icot_si_cpu", ["method.remove_per_epoch=0"])
 
 
+def tiny_run_config(out, *overrides: str):
+    """The CPU multiplication config shrunk to seconds: 24 records, batch 4, 2 epochs, a 1-layer d=32 model."""
+    from latent_jax.experiment import load_config
+
+    return load_config("multiplication_icot_si_cpu", [
+        "data.train_n=24", "data.valid_n=8", "train.epochs=2", "train.batch_size=4", "train.progress=false",
+        "method.remove_per_epoch=2", "model.overrides.n_layers=1", "model.overrides.d_model=32",
+        "model.overrides.n_heads=2", "model.overrides.n_kv_heads=2", "model.overrides.head_dim=16",
+        "model.overrides.d_ff=64", "eval.batch_size=8", "eval.max_new_tokens=12", f"output_dir={out}", *overrides])
+
+
 def test_run_train_end_to_end_and_optimizer_resets(tmp_path, monkeypatch):
     """Tiny `run_train` (train -> eval -> export). 24 records, batch 4 -> S = 6 steps/epoch; remove_per_epoch 2
     -> a token every R = 3 steps: counts 0,0,0,1,1,1,2,2,2,3,3,3; remove_all_beyond 3 caps the stage there.
     AdamW is re-initialised exactly before the steps whose count grew (the real trainer, resets counted)."""
-    from latent_jax.experiment import load_config, run_train
+    from latent_jax.experiment import run_train
 
     real_opt, real_step, events = trainer_mod.make_optimizer, trainer_mod.train_step, []
 
@@ -235,13 +247,7 @@ def test_run_train_end_to_end_and_optimizer_resets(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod, "make_optimizer", counting_optimizer)
     monkeypatch.setattr(trainer_mod, "train_step", counting_step)
     out = tmp_path / "run"
-    cfg = load_config("multiplication_icot_si_cpu", [
-        "data.train_n=24", "data.valid_n=8", "train.epochs=2", "train.batch_size=4", "train.progress=false",
-        "method.remove_per_epoch=2", "method.remove_all_beyond=3",
-        "model.overrides.n_layers=1", "model.overrides.d_model=32", "model.overrides.n_heads=2",
-        "model.overrides.n_kv_heads=2", "model.overrides.head_dim=16", "model.overrides.d_ff=64",
-        "eval.batch_size=8", "eval.max_new_tokens=12", f"output_dir={out}"])
-    res = run_train(cfg, progress=False)
+    res = run_train(tiny_run_config(out, "method.remove_all_beyond=3"), progress=False)
     assert res["method"] == "icot_si" and res["eval_stage"] == 0 and res["valid_records"] == 8
     assert 0 <= res["accuracy"] <= 1 and 1 <= res["mean_generated_tokens"] <= 12 and len(res["history"]) == 2
     assert json.loads((out / "result.json").read_text())["accuracy"] == res["accuracy"]
@@ -253,3 +259,91 @@ def test_run_train_end_to_end_and_optimizer_resets(tmp_path, monkeypatch):
     for i, s in enumerate(stages):
         expected += ["reset"] * (i > 0 and s != stages[i - 1]) + ["step"]
     assert events == expected and events.count("reset") == 4
+
+
+# ---- keep_position (reference `--keep_position`) -----------------------------------------------------------------
+def test_keep_position_layout_and_prompt(tok, records):
+    """Every kept token sits at its position in the full (stage 0) sequence; the prompt's answer marker sits where
+    training puts it once the whole CoT is removed. Off (the default): no shift anywhere."""
+    from latent_jax.layout import Example
+
+    r = records[5]
+    for sep in ("newline", "eos"):
+        m, plain = make(tok, separator=sep, keep_position=True), make(tok, separator=sep)
+        q, cot = list(m._question(r["question"])), list(m._cot_tokens(tuple(r["steps"])))
+        Q, L, n_full = len(q), len(cot), len(m.encode(r, 0).tokens)
+        for n in (0, 1, 5, L - 1, L, L + 7, REMOVE_ALL):
+            e, k = m.encode(r, n), min(n, L)
+            assert e.tokens == plain.encode(r, n).tokens and e.position_shift == k
+            assert e.positions().tolist() == [i for i in range(n_full) if not Q <= i < Q + k]
+            assert plain.encode(r, n).position_shift == 0 and plain.encode(r, n).positions().tolist() == \
+                list(range(len(e.tokens)))
+        p, full = m.prompt(r, 3), m.encode(r, REMOVE_ALL)
+        assert p.prefix == q and p.suffix == list(m.answer_marker) and p.position_shift == L and p.n_latent == 0
+        assert p.prefix + p.suffix == full.tokens[:Q + len(p.suffix)]
+        assert all(m.prompt(r, s) == p for s in (0, 1000))
+        assert plain.prompt(r, 3).position_shift == 0 and plain.prompt(r, 3).prefix == q + list(m.answer_marker)
+    with pytest.raises(ValueError, match="position_shift"):
+        Example([1, 2, 3], [IGNORE, 2, 3], latent_start=1, position_shift=-1)
+    with pytest.raises(ValueError, match="keep_position"):
+        method_config("icot_si", keep_position="yes")
+
+
+def test_keep_position_collate_loss_and_generation(tok, records):
+    """Batches carry the shifted position ids (right-padded and aligned layouts); the latent loop's loss equals
+    per-row full forwards with those ids written by hand and differs from the unshifted loss; generation from a
+    shifted prompt equals a naive uncached greedy loop with explicit positions."""
+    import jax.numpy as jnp
+
+    from latent_jax.latent import loss_fn
+    from latent_jax.layout import collate, token_loss
+    from latent_jax.generate import SamplingConfig
+    from latent_jax.models import forward, init_model
+    from latent_jax.testing import naive_latent_greedy, tiny_config
+
+    m, plain = make(tok, keep_position=True), make(tok)
+    rows = [(records[i], n) for i, n in ((0, 0), (1, 2), (2, 5), (3, REMOVE_ALL))]
+    exs = [m.encode(r, n) for r, n in rows]
+    b = collate(exs, tok.eos_id, bucket=8)
+    for i, e in enumerate(exs):
+        assert b.extra["positions"][i, :len(e.tokens)].tolist() == e.positions().tolist()
+        assert not b.extra["positions"][i, len(e.tokens):].any()
+    aligned = collate(exs, tok.eos_id, bucket=8, align=True)  # rows left-padded to a common prefix column
+    for i, e in enumerate(exs):
+        off = aligned.prefix_len - e.latent_start
+        assert aligned.extra["positions"][i, off:off + len(e.tokens)].tolist() == e.positions().tolist()
+    assert "positions" not in collate([plain.encode(r, n) for r, n in rows], tok.eos_id, bucket=8).extra
+    with pytest.raises(ValueError, match="position_shift"):  # the tokens fit, the skipped positions do not
+        collate(exs[1:], tok.eos_id, bucket=8, max_len=max(len(e.tokens) for e in exs[1:]))
+
+    g, p = init_model(tiny_config(vocab_size=tok.vocab_size, max_positions=128), seed=1)
+    p["pos_embed"][...] = p["pos_embed"][...] * 100.0  # positions that move the greedy tokens (init std 0.01)
+    loss, _ = loss_fn(p, g, {k: jnp.asarray(v) for k, v in b.arrays().items()}, 0, 0)
+    total = count = 0
+    for e in exs:
+        logits = forward(g, p, tokens=jnp.asarray([e.tokens]), positions=jnp.asarray([e.positions()])).logits
+        s, c, _ = token_loss(logits, jnp.asarray([e.labels]))
+        total, count = total + float(s), count + int(c)
+    assert float(loss) == pytest.approx(total / count, rel=1e-5)
+    unshifted = {k: jnp.asarray(v) for k, v in b.arrays().items() if k != "positions"}
+    assert abs(float(loss_fn(p, g, unshifted, 0, 0)[0]) - float(loss)) > 1e-4
+
+    prompts = [m.prompt(r, 0) for r in records[:5]]
+    sampling = SamplingConfig(max_new_tokens=6)
+    out = m.generate(g, p, prompts, sampling, eos_id=-1, pad_id=tok.eos_id, batch_size=8)
+    assert out == [naive_latent_greedy(g, p, pr, 6, width=64) for pr in prompts]
+    assert all(pr.position_shift > 0 for pr in prompts)
+    unmoved = [dataclasses.replace(pr, position_shift=0) for pr in prompts]
+    assert m.generate(g, p, unmoved, sampling, eos_id=-1, pad_id=tok.eos_id, batch_size=8) != out
+
+
+def test_keep_position_end_to_end(tmp_path):
+    """`latent-jax train` with keep_position: training (shifted batches), evaluation (shifted prompts), export."""
+    from latent_jax.experiment import run_train
+
+    out = tmp_path / "run"
+    res = run_train(tiny_run_config(out, "method.keep_position=true"), progress=False)
+    assert res["method"] == "icot_si" and res["valid_records"] == 8 and len(res["history"]) == 2
+    rows = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["stage"] for x in rows if "loss" in x][-1] > 0 and all(math.isfinite(x["loss"]) for x in rows
+                                                                      if "loss" in x)

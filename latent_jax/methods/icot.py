@@ -15,6 +15,14 @@ deterministically from (seed, epoch, record index). The trainer's stage is the c
 changes (remove_all_beyond, or the longest CoT once `prepare_data` has seen the training set), so with
 `reset_optimizer: stage` AdamW is reset exactly when the count grows and still removes something.
 Evaluation: the prompt is the question plus the answer marker (`###` / the second <eos>), at every stage.
+
+keep_position (reference `--keep_position`): the tokens after the removed CoT keep their original position ids, so
+removing a token no longer moves every later token to a new position (with learned absolute positions that move
+is a fresh lookup problem at each removal). Training examples skip n removed positions after the question
+(`Example.position_shift`); the evaluation prompt skips the record's whole CoT length before the answer marker
+(`Prompt.position_shift`), as the reference's evaluation shifts by the gold CoT length. Deviation: the reference
+also shifts the separator that ends the question; here the question keeps positions 0..Q-1 and the shift starts
+at the first token after it.
 """
 from __future__ import annotations
 
@@ -50,7 +58,8 @@ class ICoTSIConfig:
     CoT (count held at remove_start_from) before the removal starts (reference `--pretrain_epochs`).
     smoothing_lambda: removal smoothing λ (reference 4; "inf" or smoothing=false: no offset).
     max_smoothing_offset: offsets are truncated here (reference: truncate_length 100 -> 99). separator: "newline"
-    (project CoT format) or "eos" (reference)."""
+    (project CoT format) or "eos" (reference). keep_position: the tokens after the removed CoT keep their original
+    position ids (reference `--keep_position`; default off, as the reference)."""
 
     remove_per_epoch: float = 8.0
     remove_start_from: int = 0
@@ -60,6 +69,7 @@ class ICoTSIConfig:
     smoothing_lambda: float = 4.0
     max_smoothing_offset: int = 99
     separator: str = "newline"
+    keep_position: bool = False
 
     def __post_init__(self):
         """Numbers may be given as YAML strings ("inf" included); remove_all_beyond: inf means never (None)."""
@@ -75,6 +85,7 @@ class ICoTSIConfig:
             *((k, getattr(self, k) is None or getattr(self, k) >= 0, "an integer >= 0")
               for k in ("remove_start_from", "remove_all_beyond", "pretrain_epochs", "max_smoothing_offset")),
             ("smoothing", isinstance(self.smoothing, bool), "true or false"),
+            ("keep_position", isinstance(self.keep_position, bool), "true or false"),
             ("separator", self.separator in SEPARATORS, f"one of {SEPARATORS}")])
 
 
@@ -197,12 +208,20 @@ class ICoTSI(Method):
         if stage < 0:
             raise ValueError(f"icot_si stage (tokens removed) must be >= 0, got {stage}")
         q = list(self._question(record["question"]))
-        rest = list(self._cot_tokens(tuple(record["steps"]))[stage:]) + self._answer(record["answer"])
-        return Example(q + rest, [IGNORE] * len(q) + rest, latent_start=len(q), n_latent=0)
+        cot = self._cot_tokens(tuple(record["steps"]))
+        rest = list(cot[stage:]) + self._answer(record["answer"])
+        shift = min(stage, len(cot)) if self.cfg.keep_position else 0
+        return Example(q + rest, [IGNORE] * len(q) + rest, latent_start=len(q), n_latent=0, position_shift=shift)
 
     def prompt(self, record: dict[str, Any], stage: int) -> Prompt:
+        """The question, then the answer marker (with keep_position: after the record's CoT length of skipped
+        positions, where training put it once every CoT token was removed)."""
         check_record(record)
-        return Prompt(list(self._question(record["question"])) + list(self.answer_marker))
+        q = list(self._question(record["question"]))
+        if self.cfg.keep_position:
+            return Prompt(q, suffix=list(self.answer_marker),
+                          position_shift=len(self._cot_tokens(tuple(record["steps"]))))
+        return Prompt(q + list(self.answer_marker))
 
     def init_token_id(self) -> int:
         return self.eos_id
