@@ -92,6 +92,8 @@ LAB_TASKS = {
     "sym_tiny_wide": {"data": {"task": "prosqa", "encoding": "symbolic", "rung": "tiny"}, "max_new_tokens": 12},
     "sym_small": {"data": {"task": "prosqa", "encoding": "symbolic", "rung": "small"}, "max_new_tokens": 16},
     "sym_real": {"data": {"task": "prosqa", "encoding": "symbolic"}, "max_new_tokens": 24},
+    # 2x2 has 8100 distinct problems: 5000 train, and the held-out set drawn from 800 after removing training ones
+    "mult2": {"data": {"task": "mult2", "valid_n": 800}, "max_new_tokens": 32},
     "mult3": {"data": {"task": "mult3"}, "max_new_tokens": 64},
     "mult4": {"data": {"task": "mult4"}, "max_new_tokens": 96},
 }
@@ -118,14 +120,21 @@ LAB_BUDGETS = {  # one budget per task: records, epochs (Coconut: epochs_per_sta
                       "max_positions": 128, "model": {"d_model": 256, "n_heads": 8, "n_kv_heads": 8, "d_ff": 1024}},
     "sym_small": {"train_n": 16000, "train": {"epochs": 16, "epochs_per_stage": 2}, "max_positions": 256},
     "sym_real": {"train_n": 16000, "train": {"epochs": 18, "epochs_per_stage": 3}, "max_positions": 256},
-    "mult3": {"train_n": 8000, "train": {"epochs": 16, "bucket": 16}, "max_positions": 512},
+    # multiplication: "icot" = the task's iCoT-SI schedule (CoT epochs first, then tokens removed per epoch)
+    "mult2": {"train_n": 5000, "train": {"epochs": 40, "bucket": 16, "batch_size": 32}, "max_positions": 128,
+              "icot": {"pretrain_epochs": 10, "remove_per_epoch": 1}},
+    "mult3": {"train_n": 16000, "train": {"epochs": 22, "bucket": 16, "batch_size": 32}, "max_positions": 512,
+              "icot": {"pretrain_epochs": 3, "remove_per_epoch": 2}},
     "mult4": {"train_n": 16000, "train": {"epochs": 16, "bucket": 16}, "max_positions": 512},
 }
 LAB_CONFIGS = REPO / "configs" / "lab"
 
 
-# iCoT-SI in the lab: 4 epochs of plain CoT, then 4 CoT tokens removed per epoch (a 3x3 CoT has ~30 GPT-2 tokens).
-LAB_MULT = {**MULT_METHODS, "icot_si": {"name": "icot_si", "pretrain_epochs": 4, "remove_per_epoch": 4}}
+# iCoT-SI in the lab: plain CoT epochs first, then CoT tokens removed (default 4 epochs, then 4 a epoch; a task's
+# budget may set its own "icot" schedule). keep_position (the later tokens keep their position ids) and no optimizer
+# reset: from scratch with learned absolute positions both cut the loss spike at each removal (session 16 probes).
+LAB_MULT = {**MULT_METHODS, "icot_si": {"name": "icot_si", "pretrain_epochs": 4, "remove_per_epoch": 4,
+                                        "keep_position": True, "reset_optimizer": "never"}}
 
 
 def experiments(profile: str = "cpu") -> dict[str, tuple[str, dict]]:
@@ -149,6 +158,8 @@ def lab_config(name: str) -> dict:
                                          **budget.get("model", {}), **({"smear_keys": True} if symbolic else {})}}
     if not symbolic:
         model["compact_vocab"] = True
+    if method["name"] == "icot_si":
+        method = {**method, **budget.get("icot", {})}
     cfg = {"name": f"lab_{name}", "output_dir": f"runs/lab/{name}", "model": model, "method": dict(method),
            "data": {**t["data"], "train_source": "generated", "train_n": budget["train_n"], "seed": 0,
                     "select": "generated", "select_n": 300},
@@ -259,7 +270,7 @@ LAB_MARK, LAB_README_MARK = "<!-- lab-table -->", "<!-- readme-lab-table -->"
 REPORTED = {"sym_tiny": "300 generated held-out (rung tiny)", "sym_tiny_wide": "300 generated held-out (rung tiny)",
             "sym_small": "300 generated held-out (rung small)",
             "sym_real": "prosqa/valid.json (real)",
-            "mult3": "generated held-out (3x3)", "mult4": "4x4_valid.txt (real)"}
+            "mult2": "generated held-out (2x2)", "mult3": "generated held-out (3x3)", "mult4": "4x4_valid.txt (real)"}
 
 
 def lab_task_and_label(name: str) -> tuple[str, str]:

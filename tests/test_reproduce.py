@@ -132,6 +132,10 @@ def test_lab_profile_configs_are_current_load_and_share_one_budget_per_task():
     assert {"sym_small_coconut", "sym_real_coconut", "sym_real_no_thought", "sym_real_pause_as_thought",
             "sym_real_no_curriculum", "mult3_icot_si", "mult4_icot_si", "mult4_no_cot"} <= set(names)
     assert reproduce.config_for("sym_real_cot", "lab")["data"]["encoding"] == "symbolic"
+    icot = {t: reproduce.config_for(f"{t}_icot_si", "lab")["method"] for t in ("mult2", "mult3", "mult4")}
+    assert [(m["pretrain_epochs"], m["remove_per_epoch"]) for m in icot.values()] == [(10, 1), (3, 2), (4, 4)]
+    assert all(m["keep_position"] and m["reset_optimizer"] == "never" for m in icot.values())
+    assert "pretrain_epochs" not in reproduce.config_for("mult2_cot", "lab")["method"]  # the schedule is iCoT's
 
 
 @pytest.mark.parametrize("task", [t for t in reproduce.LAB_TASKS if t.startswith("sym")])
