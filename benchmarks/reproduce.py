@@ -82,7 +82,7 @@ SELECT_LABEL = {"valid": "the reported file", "generated": "held-out generated"}
 # The lab (`--profile lab`, issue 15): from-scratch regimes where the published effects show on 2 CPU cores.
 # Symbolic ProsQA (one token per node) on two rungs of the size ladder, every method at one budget per rung; the
 # real-size rung reports prosqa/valid.json, the small rung 300 generated held-out questions. Multiplication: CoT /
-# No-CoT / iCoT-SI on 3x3 (generated held-out questions) and 4x4 (the real file). Token Assorted is left out of
+# No-CoT / iCoT-SI on 2x2 and 3x3 (generated held-out questions) and 4x4 (the real file). Token Assorted is left out of
 # the symbolic rungs: its VQ-VAE compresses 16-token CoT chunks and a symbolic CoT has at most 12 tokens. The
 # symbolic models have smeared keys (session 10: edge lookup learnable in ~10^4 samples, BUILD_NOTES issue 15) and
 # write the path node after node (data.step_separator defaults to none for the symbolic encoding).
