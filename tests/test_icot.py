@@ -157,6 +157,13 @@ def test_encode_layout_removes_from_the_left(tok, records):
         m.encode(r, -1)
 
 
+def test_no_smoothing_offset_during_pretrain_epochs(tok):
+    """Reference: `if epoch < args.pretrain_epoch: to_remove.fill_(args.remove_start_from)` (no offset)."""
+    m = make(tok, pretrain_epochs=2, smoothing_lambda=0.5, remove_start_from=1)
+    assert {m.example_stage({}, i, e, 1, 0, 0.0) for i in range(300) for e in (0, 1)} == {1}
+    assert max(m.example_stage({}, i, 2, 1, 0, 0.0) for i in range(300)) > 1  # offsets from the first removal epoch
+
+
 def test_remove_all_beyond(tok, records):
     r = records[0]
     m = make(tok, remove_all_beyond=4, smoothing=False)

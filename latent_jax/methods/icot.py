@@ -154,12 +154,16 @@ class ICoTSI(Method):
 
     def example_stage(self, record: dict[str, Any], index: int, epoch: int, stage: int, seed: int,
                       uniform_prob: float) -> int:
-        """Tokens removed from this example: all once the count reached remove_all_beyond, else count + o."""
+        """Tokens removed from this example: all once the count reached remove_all_beyond, else count + o; during
+        the `pretrain_epochs` exactly the count, no offset (the reference fills `to_remove` with
+        `remove_start_from` in those epochs)."""
         if uniform_prob > 0:
             raise ValueError("icot_si has no uniform stage mixing: set method.uniform_prob to 0")
         K = self.cfg.remove_all_beyond
         if K is not None and stage >= K:
             return REMOVE_ALL
+        if epoch < self.cfg.pretrain_epochs:
+            return stage
         return stage + self.sample_offset(seed, epoch, index)
 
     def prepare_data(self, train_records: Sequence[dict[str, Any]], output_dir=None) -> None:
