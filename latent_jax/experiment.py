@@ -275,9 +275,14 @@ def run_compare(cfg: ExperimentConfig, progress: bool = True, on_result=None, fr
 def _run_compare(cfg: ExperimentConfig, progress: bool, on_result, fresh: bool) -> dict:
     rows, out = [], pathlib.Path(cfg.output_dir)
     for entry in cfg.compare:
+        entry = thaw(entry)
+        src, own = entry.pop("init_from", None), entry.pop("train", {})
+        model = cfg.model if src is None else cfg.model.replace(pretrained=str(out / src / "export"))
         sub = cfg.replace(name=f"{cfg.name}_{entry['name']}", output_dir=str(out / entry["name"]), method=entry,
-                          compare=None)
+                          compare=None, model=model, train={**thaw(cfg.train), **own})
         rows.append(run_train(sub, progress=progress, fresh=fresh))
+        if src is not None:  # its training continued that entry's: its train time is on top of that entry's
+            rows[-1]["init_from"] = src
         if on_result is not None:
             on_result(rows[-1])
     summary = compare_summary(rows, cfg)
@@ -306,11 +311,13 @@ def compare_summary(rows: list[dict], cfg: ExperimentConfig) -> str:
     bm = max(base, key=acc.get)
     gap = acc[lm] - acc[bm]
     direct = f"; answering directly (no_cot) gets {acc['no_cot']:.1f}%" if "no_cot" in acc and bm != "no_cot" else ""
+    src = next((r.get("init_from") for r in rows if r["method"] == lm), None)
+    start = f" (started from {src}'s trained model, so its training continues {src}'s)" if src else ""
     if gap > 0:
-        verdict = f"{lm} reasons in latent space better than any written baseline: {acc[lm]:.1f}% against" \
+        verdict = f"{lm}{start} reasons in latent space better than any written baseline: {acc[lm]:.1f}% against" \
                   f" {bm}'s {acc[bm]:.1f}% (+{gap:.1f} points){direct}."
     else:
-        verdict = f"no latent method beats the written baselines here: {lm} {acc[lm]:.1f}% against {bm}'s" \
+        verdict = f"no latent method beats the written baselines here: {lm}{start} {acc[lm]:.1f}% against {bm}'s" \
                   f" {acc[bm]:.1f}% ({gap:+.1f} points){direct}."
     return f"On {where}, {verdict}"
 

@@ -219,7 +219,10 @@ _SECTIONS = {"model": ModelSection, "data": DataSection, "eval": EvalSection}
 class ExperimentConfig(Section):
     """One experiment: `name` (default: the YAML's stem), `output_dir` (default runs/{name}), `tokenizer` (a HF
     folder or hub id; null: the model's or GPT-2's), and the sections. `compare`: method sections trained one
-    after another at this one budget (`run_compare`)."""
+    after another at this one budget (`run_compare`); an entry's `init_from: NAME` starts it from the trained model
+    of the entry NAME before it (Coconut's recipe: the latent stages continue from the CoT model) instead of
+    `model`'s initialisation, and its `train: {...}` changes train options other than the budget for it alone
+    (e.g. the learning rate of a run that continues another's)."""
 
     name: str = "run"
     output_dir: str | None = None
@@ -250,11 +253,25 @@ class ExperimentConfig(Section):
             for i, entry in enumerate(compare):
                 if not isinstance(entry, Mapping) or "name" not in entry:
                     raise ValueError(f"compare[{i}] must be a method name or a mapping with a 'name', got {entry!r}")
+                names = [e.get("name") if isinstance(e, Mapping) else e for e in compare]
+                if names.count(entry["name"]) > 1:
+                    raise ValueError(f"compare[{i}]: method {entry['name']!r} appears twice (each writes to"
+                                     f" {{output_dir}}/{{name}})")
+                src = entry.get("init_from")
+                if src is not None and src not in names[:i]:
+                    raise ValueError(f"compare[{i}].init_from={src!r} must name an entry before it, one of"
+                                     f" {names[:i]} (it starts from that entry's trained model)")
+                own = entry.get("train", {})
+                budget = sorted(set(own) & {"epochs", "batch_size", "grad_accum"}) if isinstance(own, Mapping) else []
+                if not isinstance(own, Mapping) or budget:
+                    raise ValueError(f"compare[{i}].train must be a mapping of train options other than the budget"
+                                     f" (every entry trains at the config's one budget), got {own!r}")
         method, train = thaw(self.method), thaw(self.train)
         compare = None if compare is None else [thaw(e) for e in compare]
         _move_curriculum_keys(method, train, compare)
         for section in [method, *(compare or [])]:
-            method_config(section.get("name", "coconut"), **{k: v for k, v in section.items() if k != "name"})
+            skip = ("name", "init_from", "train") if section is not method else ("name",)
+            method_config(section.get("name", "coconut"), **{k: v for k, v in section.items() if k not in skip})
         object.__setattr__(self, "method", freeze(method))
         object.__setattr__(self, "train", freeze(train))
         object.__setattr__(self, "compare", None if compare is None else freeze(compare))

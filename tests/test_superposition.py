@@ -68,11 +68,100 @@ def test_label_thoughts_labels_every_thought_with_its_frontier_node():
     assert final.tokens == plain.encode(GRAPH, 3).tokens
 
 
+def test_target_set_labels_each_frontier_position_with_its_whole_frontier():
+    """target: set keeps the layout of target: sampled; each frontier-labelled position's plain label becomes IGNORE
+    and its label set is the whole frontier (per stage, with and without label_thoughts, and at the final layout)."""
+    sets = [tuple(method().tok.encode(" ".join(f))) for f in frontiers(GRAPH)]
+    for lab in (False, True):
+        m, ref = method(max_latent_stage=3, target="set", label_thoughts=lab), method(max_latent_stage=3,
+                                                                                     label_thoughts=lab)
+        L = len(m.tok.encode(GRAPH["question"]))
+        assert m.frontier_sets(GRAPH) == sets
+        for stage in range(4):
+            ex, r = m.encode(GRAPH, stage), ref.encode(GRAPH, stage)
+            assert ex.tokens == r.tokens and ex.n_latent == r.n_latent
+            want = ([(L + k, sets[k]) for k in range(3)] if lab else []) if stage == 3 else (
+                [(L + k, sets[k]) for k in range(stage + 1)] if lab else [(L + stage, sets[stage])])
+            assert list(ex.label_sets) == want
+            moved = {i for i, _ in want}
+            assert [x for i, x in enumerate(ex.labels) if i not in moved] == [
+                x for i, x in enumerate(r.labels) if i not in moved]
+            assert all(ex.labels[i] == IGNORE != r.labels[i] for i in moved)
+
+
+def test_target_set_collate_and_loss_against_a_written_out_cross_entropy():
+    """collate puts each set at its token's column (rows left-padded to align the thoughts); the loss is the plain
+    token loss plus -mean_{v in S} log p(v) per set position, counted as one token; with singleton sets it equals
+    target: sampled's loss with those nodes as labels."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from latent_jax.latent import latent_forward
+    from latent_jax.methods import prepare_model
+    from latent_jax.models import init_model
+    from latent_jax.testing import tiny_config
+
+    m = method(max_latent_stage=2, label_thoughts=True, target="set")
+    records = symbolic_records(generate_prosqa(6, seed=4, rung="tiny"), "gen")
+    exs = [m.encode(r, 2) for r in records]
+    b = m.collate(exs, pad_id=0, bucket=8)
+    S = b.extra["label_sets"]
+    assert S.shape[:2] == b.tokens.shape and S.shape[2] % 4 == 0
+    for i, e in enumerate(exs):
+        off = int(np.argmax(b.mask[i]))
+        assert {int(c) for c in np.nonzero((S[i] != IGNORE).any(-1))[0]} == {off + pos for pos, _ in e.label_sets}
+        for pos, ids in e.label_sets:
+            assert [int(v) for v in S[i, off + pos] if v != IGNORE] == list(ids)
+    assert max(len(ids) for e in exs for _, ids in e.label_sets) > 1  # some set has several nodes
+    cfg = tiny_config(vocab_size=m.tok.vocab_size, d_model=32, head_dim=8, d_ff=64)
+    graphdef, params = init_model(cfg, seed=1)
+    _, graphdef, params = prepare_model(m, cfg, graphdef, params)
+    a = {k: jnp.asarray(v) for k, v in b.arrays().items()}
+    P, n = b.prefix_len, b.n_latent
+    loss, aux = jax.jit(lambda p: m.loss_for_stage(2)(p, graphdef, a, P, n))(params)
+    logits = np.asarray(latent_forward(graphdef, params, a["tokens"], a["mask"], a["latent"], P, n), np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+    total, count = 0.0, 0
+    for i in range(len(exs)):
+        for t in range(1, b.tokens.shape[1]):
+            if b.labels[i, t] != IGNORE:
+                total, count = total - logp[i, t - 1, b.labels[i, t]], count + 1
+            ids = [v for v in S[i, t] if v != IGNORE]
+            if ids:
+                total, count = total - np.mean([logp[i, t - 1, v] for v in ids]), count + 1
+    assert int(aux["n_tokens"]) == count
+    np.testing.assert_allclose(float(loss), total / count, rtol=1e-5)
+    # re-padded to a larger layout (train.fixed_shapes, multi-host): the padding holds no set, the loss is the same
+    from latent_jax.train.pipeline import pad_batch
+
+    big = pad_batch(b, P + 8, n + 1, b.tokens.shape[1] + 16)
+    assert int((big.extra["label_sets"] != IGNORE).sum()) == int((S != IGNORE).sum())
+    a_big = {k: jnp.asarray(v) for k, v in big.arrays().items()}
+    loss_big = m.loss_for_stage(2)(params, graphdef, a_big, big.prefix_len, big.n_latent)[0]
+    np.testing.assert_allclose(float(loss_big), float(loss), rtol=1e-5)
+    # singleton sets = the sampled target with the same node
+    single = method(max_latent_stage=2, label_thoughts=True, frontier="on_path", target="set")
+    plain = method(max_latent_stage=2, label_thoughts=True, frontier="on_path")
+    rec = [r for r in records if all(len(f) == 1 for f in frontiers(r, "on_path"))]
+    assert rec
+    bs, bp = (x.collate([x.encode(r, 2) for r in rec], pad_id=0, bucket=8) for x in (single, plain))
+    np.testing.assert_array_equal(bs.tokens, bp.tokens)
+    got = single.loss_for_stage(2)(params, graphdef, {k: jnp.asarray(v) for k, v in bs.arrays().items()},
+                                   bs.prefix_len, bs.n_latent)[0]
+    want = plain.loss_for_stage(2)(params, graphdef, {k: jnp.asarray(v) for k, v in bp.arrays().items()},
+                                   bp.prefix_len, bp.n_latent)[0]
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+
+
 def test_bad_config_and_records_without_graphs():
     with pytest.raises(ValueError, match="frontier='bfs' is invalid"):
         method_config("superposition", frontier="bfs")
     with pytest.raises(ValueError, match="max_latent_stage=-1 is invalid"):
         method_config("superposition", max_latent_stage=-1)
+    with pytest.raises(ValueError, match="target='soft' is invalid"):
+        method_config("superposition", target="soft")
     with pytest.raises(ValueError, match="label_thoughts=True is invalid"):
         method_config("superposition", dense=True, label_thoughts=True)
     text = {k: GRAPH[k] for k in ("question", "steps", "answer")}
@@ -80,7 +169,8 @@ def test_bad_config_and_records_without_graphs():
         method().encode(text, 0)
 
 
-@pytest.mark.parametrize("options", ["dense: false", "dense: true", "label_thoughts: true, thought: soft_token"])
+@pytest.mark.parametrize("options", ["dense: false", "dense: true", "label_thoughts: true, thought: soft_token",
+                                     "label_thoughts: true, target: set"])
 def test_trains_and_evaluates_end_to_end(tmp_path, options):
     """Through the experiment runner: the curriculum reaches the final layout (or dense: one stage), the loss falls,
     and evaluation decodes `### node` answers after the thoughts."""

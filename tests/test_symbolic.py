@@ -135,7 +135,8 @@ def test_compare_runs_each_method_and_summarises_from_its_numbers(tmp_path, caps
     printed = capsys.readouterr().out
     res = json.loads((out / "compare.json").read_text())
     rows = res["rows"]
-    assert [r["method"] for r in rows] == ["no_cot", "cot", "coconut"]
+    assert [r["method"] for r in rows] == ["no_cot", "cot", "superposition"]
+    assert rows[2]["init_from"] == "cot" and rows[2]["config"]["model"]["pretrained"] == str(out / "cot" / "export")
     for r in rows:
         assert (out / r["method"] / "export").is_dir() and r["valid_records"] == 10
         assert r["config"]["data"]["encoding"] == "symbolic"
@@ -151,6 +152,41 @@ def test_compare_runs_each_method_and_summarises_from_its_numbers(tmp_path, caps
     assert "coconut" in s and "95.0%" in s and "+25.0 points" in s and "60.0%" in s
     fake[2]["accuracy"] = 0.5
     assert "no latent method beats" in experiment.compare_summary(fake, cfg)
+
+
+def test_compare_init_from_starts_an_entry_from_an_earlier_entrys_model(tmp_path, capsys):
+    """`init_from: cot` trains that entry from the CoT entry's export (its config says so, its first loss is the
+    CoT model's, not a random init's), and the summary says the latent row continued CoT's training."""
+    from latent_jax.cli import main
+    from latent_jax.experiment import load_config
+
+    out = tmp_path / "cmp"
+    cmp = ("compare=[{name: cot}, {name: coconut, c_thought: 1, max_latent_stage: 1, init_from: cot,"
+           " train: {lr: 0.004}}]")
+    assert main(["train", *TOY, cmp, "train.epochs=2", "train.warmup_steps=0", f"output_dir={out}"]) == 0
+    res = json.loads((out / "compare.json").read_text())
+    cot, coco = res["rows"]
+    assert "init_from" not in cot and coco["init_from"] == "cot"
+    assert coco["config"]["model"]["pretrained"] == str(out / "cot" / "export")
+    assert cot["config"]["model"]["pretrained"] is None and "init_from" not in coco["config"]["method"]
+    assert coco["config"]["train"]["lr"] == 0.004 and cot["config"]["train"]["lr"] == 0.002  # its own train options
+    assert coco["config"]["train"]["epochs"] == cot["config"]["train"]["epochs"]
+    first = lambda run: next(json.loads(x)["loss"] for x in (out / run / "train" / "metrics.jsonl").read_text()
+                             .splitlines() if '"loss"' in x)
+    fresh = tmp_path / "fresh"  # the same entry from the random init (the same seed: equal loss if ignored)
+    assert main(["train", *TOY, "compare=null", "method={name: coconut, c_thought: 1, max_latent_stage: 1}",
+                 "train.epochs=1", f"output_dir={fresh}"]) == 0
+    fresh_first = next(json.loads(x)["loss"] for x in (fresh / "train" / "metrics.jsonl").read_text().splitlines()
+                       if '"loss"' in x)
+    assert first("coconut") < fresh_first - 0.1
+    assert "started from cot's trained model" in res["summary"] and res["summary"] in capsys.readouterr().out
+    for bad, msg in (("[{name: cot, init_from: coconut}, {name: coconut}]", "must name an entry before it"),
+                     ("[{name: cot}, {name: coconut, init_from: pause}]", "must name an entry before it"),
+                     ("[{name: cot}, {name: cot}]", "appears twice"),
+                     ("[{name: cot}, {name: coconut, train: {epochs: 3}}]", "other than the budget"),
+                     ("[{name: cot}, {name: coconut, train: 3}]", "must be a mapping")):
+        with pytest.raises(ValueError, match=msg):
+            load_config("prosqa_symbolic_cpu", [f"compare={bad}"])
 
 
 def test_symbolic_export_evaluates_and_refuses_the_other_encoding(tmp_path):

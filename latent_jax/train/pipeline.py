@@ -135,7 +135,8 @@ def epoch_iterator(dataset: grain.MapDataset, prefetch: int = 4) -> grain.Datase
 
 def pad_batch(batch: Batch, prefix_len: int, n_latent: int, length: int) -> Batch:
     """Re-pad a batch to a larger layout (prefix_len, n_latent, length); the loss is unchanged (extra thought
-    columns of rows without latents hold their own tokens). Gives every host the same static shapes."""
+    columns of rows without latents hold their own tokens). Gives every host the same static shapes. A method's
+    extra array laid out by position ([B, T, ...]) is padded with IGNORE (no target), `positions` with 0."""
     P, n, T = batch.prefix_len, batch.n_latent, batch.tokens.shape[1]
     if prefix_len < P or n_latent < n or length - prefix_len < T - P or length < prefix_len + n_latent + 1:
         raise ValueError(f"cannot shrink batch layout (P={P}, n={n}, T={T}) to ({prefix_len}, {n_latent}, {length})")
@@ -143,8 +144,9 @@ def pad_batch(batch: Batch, prefix_len: int, n_latent: int, length: int) -> Batc
     pad_tok = int(batch.tokens[~batch.mask][0]) if (~batch.mask).any() else 0
     return Batch(np.pad(batch.tokens, widths, constant_values=pad_tok), np.pad(batch.mask, widths),
                  np.pad(batch.labels, widths, constant_values=IGNORE), np.pad(batch.latent, widths),
-                 prefix_len, n_latent, {k: np.pad(a, widths + ((0, 0),) * (a.ndim - 2)) if a.ndim >= 2 and
-                                        a.shape[1] == T else a for k, a in batch.extra.items()})
+                 prefix_len, n_latent, {k: np.pad(a, widths + ((0, 0),) * (a.ndim - 2),
+                                               constant_values=0 if k == "positions" else IGNORE)
+                                        if a.ndim >= 2 and a.shape[1] == T else a for k, a in batch.extra.items()})
 
 
 def same_layout_across_hosts(batch: Batch) -> Batch:
