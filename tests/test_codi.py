@@ -178,6 +178,7 @@ def test_projection_round_trip_train_resume_export_reload(tmp_path):
     ov = ["compare=null", "method={name: codi, n_latent: 2, proj_dim: 16}", "data.rung=tiny", "data.train_n=16",
           "data.valid_n=8", "data.select_n=8", "train.epochs=1", "train.batch_size=8", "train.progress=false",
           "model.overrides.d_model=32", "model.overrides.head_dim=8", "model.overrides.d_ff=64", "eval.batch_size=8",
+          "train.schedule=constant", "train.warmup_steps=0",  # a constant lr: extending the epochs resumes the run
           f"output_dir={out}"]
     assert main(["train", "prosqa_symbolic_cpu", *ov]) == 0
     res = json.loads((out / "result.json").read_text())

@@ -182,7 +182,8 @@ def test_train_resume_export(tmp_path):
     ov = ["compare=null", "method={name: sim_cot, base: no_curriculum, base_options: {c_thought: 1,"
           " max_latent_stage: 2}}", "data.rung=tiny", "data.train_n=16", "data.valid_n=8", "data.select_n=8",
           "train.batch_size=8", "train.progress=false", "model.overrides.d_model=32", "model.overrides.head_dim=8",
-          "model.overrides.d_ff=64", "eval.batch_size=8"]
+          "model.overrides.d_ff=64", "eval.batch_size=8",
+          "train.schedule=constant", "train.warmup_steps=0"]  # a constant lr: extending the epochs resumes the run
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(["train", "prosqa_symbolic_cpu", *ov, "train.epochs=2", f"output_dir={a}"]) == 0
     assert main(["train", "prosqa_symbolic_cpu", *ov, "train.epochs=1", f"output_dir={b}"]) == 0
