@@ -250,10 +250,10 @@ class ExperimentConfig(Section):
                 raise ValueError("compare must be a non-empty list of method sections, e.g. [{name: no_cot}, "
                                  "{name: cot}]")
             compare = [{"name": e} if isinstance(e, str) else e for e in compare]
+            names = [e.get("name") if isinstance(e, Mapping) else e for e in compare]
             for i, entry in enumerate(compare):
                 if not isinstance(entry, Mapping) or "name" not in entry:
                     raise ValueError(f"compare[{i}] must be a method name or a mapping with a 'name', got {entry!r}")
-                names = [e.get("name") if isinstance(e, Mapping) else e for e in compare]
                 if names.count(entry["name"]) > 1:
                     raise ValueError(f"compare[{i}]: method {entry['name']!r} appears twice (each writes to"
                                      f" {{output_dir}}/{{name}})")

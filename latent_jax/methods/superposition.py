@@ -42,12 +42,11 @@ import numpy as np
 
 from latent_jax.config import check_rules, coerce_numbers
 from latent_jax.data.prosqa import bfs_distances, graph_adjacency
-from latent_jax.latent import loss_fn
-from latent_jax.layout import IGNORE, Batch, Example, Prompt, collate, round_up
+from latent_jax.latent import latent_forward, loss_fn
+from latent_jax.layout import IGNORE, Batch, Example, Prompt, collate, round_up, token_loss
 from latent_jax.methods.base import Method, first_token_id
 from latent_jax.methods.coconut import LATENT
 from latent_jax.methods.lt_fusion import embedding_matrices
-from latent_jax.models import lm_head
 from latent_jax.tokenizer import Tokenizer
 
 FRONTIERS = ("reachable", "on_path")
@@ -112,13 +111,13 @@ class SetExample(Example):
 
 
 def set_loss(params, graphdef, batch: dict, prefix_len: int, n_latent: int, rng=None, *, next_input=None):
-    """`latent.loss_fn` plus the set-labelled positions (`batch["label_sets"]` [B, T, K], aligned with the labels:
+    """`latent.loss_fn`'s token loss (full logits: a node vocabulary is small) plus the set-labelled positions (`batch["label_sets"]` [B, T, K], aligned with the labels:
     the logits at t score the set at t + 1): each adds -mean_{v in S} log p(v) to the sum and 1 to the token count;
     it counts as correct when the argmax is in S. Shape letters: B batch, T positions, K set slots, V vocab."""
-    _, aux = loss_fn(params, graphdef, batch, prefix_len, n_latent, rng, with_hidden=True, next_input=next_input)
-    h_BxTxD = aux.pop("hidden")[:, :-1]
-    logits_BxTxV = jnp.einsum("BTD,VD->BTV", h_BxTxD, lm_head(graphdef, params).astype(h_BxTxD.dtype),
-                              preferred_element_type=jnp.float32)
+    logits_BxTxV = latent_forward(graphdef, params, batch["tokens"], batch["mask"], batch["latent"], prefix_len,
+                                  n_latent, batch.get("positions"), dropout_rng=rng, next_input=next_input)
+    plain_sum, plain_count, plain_correct = token_loss(logits_BxTxV, batch["labels"])
+    logits_BxTxV = logits_BxTxV[:, :-1].astype(jnp.float32)  # the head over a node vocabulary: small, computed once
     logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
     sets_BxTxK = batch["label_sets"][:, 1:]
     valid_BxTxK = sets_BxTxK != IGNORE
@@ -128,9 +127,9 @@ def set_loss(params, graphdef, batch: dict, prefix_len: int, n_latent: int, rng=
     ce_BxT = -jnp.sum(picked_BxTxK * valid_BxTxK, axis=-1) / jnp.maximum(size_BxT, 1)
     top_BxT = jnp.argmax(logits_BxTxV, axis=-1)
     hit_BxT = jnp.any((safe_BxTxK == top_BxT[..., None]) & valid_BxTxK, axis=-1)
-    total = aux["loss_sum"] + jnp.sum(ce_BxT)
-    count = aux["n_tokens"] + jnp.sum(size_BxT > 0)
-    correct = aux["n_correct"] + jnp.sum(hit_BxT)
+    total = plain_sum + jnp.sum(ce_BxT)
+    count = plain_count + jnp.sum(size_BxT > 0)
+    correct = plain_correct + jnp.sum(hit_BxT)
     aux = {"loss_sum": total, "n_tokens": count, "n_correct": correct}
     return total / jnp.maximum(count, 1), aux
 
@@ -143,7 +142,7 @@ class Superposition(Method):
         self.tok, self.cfg = tokenizer, cfg
         self.special_tokens = (LATENT,)
         self.ids = dict(zip(self.special_tokens, tokenizer.add_special_tokens(list(self.special_tokens))))
-        self._nodes: dict[str, list[int]] = {}
+        self._nodes: dict[str, tuple[list[int], list[tuple[int, ...]]]] = {}  # question -> (sampled ids, sets)
         if cfg.thought == "soft_token":
             self.next_input = soft_token_thought
         self._loss = functools.partial(set_loss if cfg.target == "set" else loss_fn, next_input=self.next_input)
